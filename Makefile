@@ -1,0 +1,31 @@
+# Two commands do all the set-up: `make demo` and `make test`.
+# torch/torchvision are pinned here (pyproject declares ranges); plain pip finds these wheels on
+# the build machines' local index, a user's machine gets them from PyPI.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIN    := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test install clean embedded bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(PIN)
+	$(PY) -m pip install -q -e ".[dev]" $(PIN)
+	touch $@
+
+install: $(VENV)/.installed
+
+# Pretrain SimCLR on the embedded CIFAR-10 subset, then kNN vs random init.
+demo: install
+	$(VENV)/bin/selfsup pretrain --out runs/demo
+
+test: install
+	$(PY) -m pytest
+
+# Rebuild the embedded dataset from ../shared/data/cifar10-jpg.tar.gz (already committed).
+embedded: install
+	$(PY) scripts/build_embedded.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

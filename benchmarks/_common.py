@@ -1,0 +1,34 @@
+"""What every benchmark records beside its numbers: machine, date, command."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine() -> str:
+    import os
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu_model()} ({os.cpu_count()} logical CPUs){gpu}; {platform.platform()}; "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def header(title: str) -> str:
+    cmd = " ".join([Path(sys.executable).name, *sys.argv])
+    return (f"## {title}\n\n- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n"
+            f"- machine: {machine()}\n- command: `{cmd}`\n")

@@ -1,0 +1,72 @@
+"""Encoders. Every backbone maps a normalized image batch to pooled features ``(B, out_dim)``
+and can hand back its weights under the names of the library it came from (torchvision or
+timm), so an exported encoder loads into ``torchvision.models.resnet18()`` or
+``timm.create_model(...)`` without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from selfsup.config import BackboneConfig
+from selfsup.errors import ConfigError
+from selfsup.registry import get_backbone_builder, register_backbone
+
+
+class Backbone(nn.Module):
+    """Wraps a third-party encoder as ``self.model``; ``out_dim`` is the pooled feature size."""
+
+    out_dim: int
+
+    def __init__(self, model: nn.Module, out_dim: int, family: str) -> None:
+        super().__init__()
+        self.model = model
+        self.out_dim = out_dim
+        self.family = family  # "torchvision" or "timm": whose names export_state_dict uses
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights named as the source library names them (no ``model.`` prefix)."""
+        return {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}
+
+
+def _resnet(arch: str, cfg: BackboneConfig) -> Backbone:
+    model = getattr(torchvision.models, arch)(weights=None)
+    if cfg.cifar_stem:
+        # CIFAR variant (SimCLR appendix B.9): 3x3 stride-1 stem, no max-pool, keeps 32x32 detail
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    out_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return Backbone(model, out_dim, "torchvision")
+
+
+for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
+    register_backbone(_arch)(lambda cfg, _a=_arch: _resnet(_a, cfg))
+
+
+@register_backbone("timm")
+def _timm(cfg: BackboneConfig) -> Backbone:
+    import timm
+
+    name = cfg.name.split(":", 1)[1]
+    kwargs: dict = {"pretrained": False, "num_classes": 0}
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.patch_size is not None:
+        kwargs["patch_size"] = cfg.patch_size
+    if cfg.drop_path:
+        kwargs["drop_path_rate"] = cfg.drop_path
+    try:
+        model = timm.create_model(name, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ConfigError(f"backbone {cfg.name!r}: timm could not build it: {err}") from None
+    return Backbone(model, model.num_features, "timm")
+
+
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    return get_backbone_builder(cfg.name)(cfg)

@@ -1,0 +1,237 @@
+"""`selfsup pretrain | eval | export | methods` — the command line.
+
+Every command takes ``key.sub=value`` overrides after its options. Errors a user can fix
+(bad config, missing data, unreadable checkpoint) print one line and exit with status 2;
+Ctrl-C during pretraining saves a checkpoint first and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from selfsup import __version__
+from selfsup.errors import SelfSupError
+
+EMBEDDED_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
+
+def _split_overrides(extra: list[str]) -> list[str]:
+    bad = [e for e in extra if "=" not in e]
+    if bad:
+        raise SelfSupError(f"unrecognized arguments: {' '.join(bad)} (overrides look like optim.lr=0.5)")
+    return extra
+
+
+def _print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
+    width = max(len(k) for k, _ in rows)
+    if title:
+        print(f"\n{title}")
+        print("-" * max(len(title), width + 20))
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+# --------------------------------------------------------------------------------------
+# pretrain
+
+
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfsup.config import load_config
+    from selfsup.evaluate import final_knn
+    from selfsup.train.checkpoint import load_checkpoint
+    from selfsup.train.trainer import Trainer, write_summary
+
+    if args.data is not None:
+        overrides = [f"data.source={args.data}", *overrides]
+    if args.out is not None:
+        overrides = [f"trainer.out_dir={args.out}", *overrides]
+    resume_ckpt, run_dir = None, None
+    if args.resume:
+        run_dir = Path(args.resume)
+        ckpt_path = run_dir / "last.ckpt" if run_dir.is_dir() else run_dir
+        run_dir = ckpt_path.parent
+        resume_ckpt = load_checkpoint(ckpt_path)
+        # the run's own config, then a recipe if given, then overrides (e.g. trainer.epochs=200)
+        cfg = load_config(args.config, overrides, base_tree=resume_ckpt["config"])
+    else:
+        cfg = load_config(args.config or EMBEDDED_CONFIG, overrides)
+
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, run_dir=run_dir, resume=resume_ckpt)
+    if trainer.is_main:
+        print(f"selfsup {__version__}: {cfg.method.name} on {cfg.data.source} ({len(trainer.dataset)} samples), "
+              f"backbone {cfg.backbone.name}, {trainer.device} {trainer.precision}, world size {trainer.world}, "
+              f"{trainer.total_steps} steps of batch {cfg.data.batch_size}, lr {trainer.lr:.3g}\n"
+              f"run directory: {trainer.run_dir}", file=sys.stderr)
+    summary = trainer.fit()
+    if not trainer.is_main:
+        return 0
+    if summary["stopped_early"]:
+        write_summary(summary, trainer.run_dir)
+        print(f"stopped at step {trainer.step}; resume with: selfsup pretrain --resume {trainer.run_dir}",
+              file=sys.stderr)
+        return 130
+    if cfg.eval.final_knn and summary["finished"]:
+        try:
+            summary["knn"] = final_knn(trainer.method, cfg, trainer.device, trainer.precision)
+        except SelfSupError as err:  # unlabeled data: training is still fine, say why no kNN
+            summary["knn"] = {"skipped": str(err)}
+    summary["timings"]["total_seconds_this_session"] = time.perf_counter() - t0
+    write_summary(summary, trainer.run_dir)
+    _print_pretrain_summary(summary)
+    return 0
+
+
+def _print_pretrain_summary(summary: dict) -> None:
+    t = summary["timings"]
+    rows = [("method", summary["method"]),
+            ("steps", f"{summary['position']['step']} / {summary['position']['total_steps']}"),
+            ("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a")]
+    knn = summary.get("knn", {})
+    if "trained" in knn:
+        k = next(iter(knn["trained"]))
+        rows.append((f"kNN top-1 ({k}), pretrained", f"{knn['trained'][k]['top1']:.2f}%"))
+        if "random_init" in knn:
+            rand = knn["random_init"][k]["top1"]
+            gain = knn["trained"][k]["top1"] - rand
+            rows.append((f"kNN top-1 ({k}), random init", f"{rand:.2f}%"))
+            rows.append(("gain from pretraining", f"{gain:+.2f} points"))
+    elif "skipped" in knn:
+        rows.append(("kNN", f"skipped: {knn['skipped']}"))
+    rows.append(("training time", f"{t['train_seconds']:.1f} s"))
+    if t.get("images_per_second"):
+        rows.append(("throughput", f"{t['images_per_second']:.0f} images/s"))
+    rows.append(("total time", f"{t.get('total_seconds_this_session', t['wall_seconds_this_session']):.1f} s"))
+    if summary["data"]["skipped_images"]:
+        rows.append(("unreadable images skipped", str(summary["data"]["skipped_images"])))
+    if summary["bad_steps_skipped"]:
+        rows.append(("non-finite steps skipped", str(summary["bad_steps_skipped"])))
+    if summary["monitor"].get("alarm_steps"):
+        rows.append(("collapse alarms (steps)", str(summary["monitor"]["alarm_steps"])))
+    rows.append(("run directory", summary["run_dir"]))
+    _print_table(rows, "pretraining summary")
+
+
+# --------------------------------------------------------------------------------------
+# eval
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfsup.eval import diagnose, few_shot, format_table
+    from selfsup.evaluate import checkpoint_tag, eval_device, labeled_features, load_method, run_knn, run_linear
+
+    device, precision = eval_device(args.device)
+    if args.precision:
+        precision = args.precision
+    method, cfg, path = load_method(args.checkpoint, device, overrides)
+    if channels_last := (device.type in ("cpu", "cuda")):
+        import torch
+
+        method = method.to(memory_format=torch.channels_last)
+    method.channels_last = channels_last
+    feats = labeled_features(method, cfg, device=device, source=args.data, train_split=args.train_split,
+                             test_split=args.test_split, cache_dir=path.parent / "features",
+                             cache_tag=checkpoint_tag(path), precision=precision)
+    if args.protocol == "knn":
+        result = run_knn(feats, cfg)
+    elif args.protocol == "linear":
+        result = run_linear(feats, epochs=args.epochs, seed=cfg.trainer.seed)
+    elif args.protocol == "fewshot":
+        result = few_shot(feats[2], feats[3], n_way=args.n_way, episodes=args.episodes, seed=cfg.trainer.seed)
+    else:
+        result = diagnose(feats[2], feats[3])
+    result = {"protocol": args.protocol, "checkpoint": str(path), "data": args.data or cfg.data.source,
+              "train_samples": int(feats[0].shape[0]), "test_samples": int(feats[2].shape[0]), **result}
+    out = Path(args.out) if args.out else path.parent / f"eval_{args.protocol}.json"
+    out.write_text(json.dumps(result, indent=2, default=float))
+    print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss")}))
+    print(f"saved {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# export / methods
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfsup.export import export_encoder
+
+    meta = export_encoder(args.checkpoint, args.out)
+    print(f"wrote {meta['tensors']} tensors ({meta['library']} names) to {meta['path']}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfsup.registry import METHODS, get_method
+
+    get_method("simclr")  # imports selfsup.methods, which registers everything
+    rows = [(name, cls.family, ",".join(cls.modalities), cls.paper) for name, cls in sorted(METHODS.items())]
+    w = [max(len(r[i]) for r in rows + [("method", "family", "modalities", "paper")]) for i in range(3)]
+    print(f"{'method':<{w[0]}}  {'family':<{w[1]}}  {'modalities':<{w[2]}}  paper")
+    for r in rows:
+        print(f"{r[0]:<{w[0]}}  {r[1]:<{w[1]}}  {r[2]:<{w[2]}}  {r[3]}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="selfsup", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"selfsup {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("pretrain", help="pretrain an encoder (default: SimCLR on the embedded CIFAR-10 subset)")
+    pre.add_argument("--config", help="YAML recipe, e.g. configs/simclr/cifar10.yaml")
+    pre.add_argument("--data", help="embedded | cifar10 | cifar100 | stl10 | a folder of images")
+    pre.add_argument("--out", help="parent folder of the run directory (trainer.out_dir)")
+    pre.add_argument("--resume", metavar="RUN", help="continue a stopped run (its directory or a .ckpt)")
+    pre.set_defaults(func=cmd_pretrain)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
+    ev.add_argument("protocol", choices=["knn", "linear", "fewshot", "diagnose"])
+    ev.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory")
+    ev.add_argument("--data", help="labeled data to evaluate on (default: the pretraining data)")
+    ev.add_argument("--train-split", help="split used as kNN bank / probe training set")
+    ev.add_argument("--test-split", help="split used for queries / probe evaluation")
+    ev.add_argument("--out", help="JSON file for the results (default: RUN/eval_<protocol>.json)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"])
+    ev.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    ev.add_argument("--n-way", type=int, default=5, help="few-shot classes per episode")
+    ev.add_argument("--episodes", type=int, default=100, help="few-shot episodes")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="write the encoder's weights as safetensors (torchvision/timm names)")
+    ex.add_argument("checkpoint")
+    ex.add_argument("out")
+    ex.set_defaults(func=cmd_export)
+
+    me = sub.add_parser("methods", help="list the registered methods with their papers")
+    me.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args, _split_overrides(extra))
+    except SelfSupError as err:
+        print(f"selfsup: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfsup: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,441 @@
+"""Typed configs, YAML recipes with inheritance, and dotted command-line overrides.
+
+A recipe is a YAML file whose optional ``base:`` key names another recipe (a path relative
+to the file, or a list of them); the recipe's keys are deep-merged over its bases. Dotted
+overrides from the command line (``optim.lr=0.5 augment.views.0.size=64``) are merged last.
+The merged dict is then turned into typed dataclasses; an unknown key is an error that lists
+the valid ones, and every section's ``validate()`` rejects out-of-range values before training.
+
+The ``method`` section is typed by the chosen method's own ``Config`` dataclass (found in the
+registry by ``method.name``), so each method declares and validates its hyperparameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from selfsup.errors import ConfigError
+from selfsup.pretext.augment import AugmentConfig, simclr_view
+
+# --------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from. ``source`` is ``embedded``, ``cifar10``, ``cifar100``,
+    ``stl10`` or a directory (ImageFolder with class subfolders, or a flat folder)."""
+
+    source: str = "embedded"
+    root: str | None = None  # download/cache root for torchvision datasets
+    train_split: str = "train"  # split used for pretraining (and as the kNN bank)
+    test_split: str = "test"  # split used for evaluation queries
+    decode_size: int | None = None  # resize+center-crop decoded images to this side
+    batch_size: int = 256  # global batch per optimizer step, across ranks and accumulation
+    eval_batch_size: int = 512
+    download: bool = True
+    limit: int | None = None  # keep only the first N training samples (smoke runs)
+
+    def validate(self) -> None:
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        _check(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "must be >= 1")
+        if self.limit is not None:
+            _check(self.limit >= 1, "data.limit", self.limit, "must be >= 1")
+        if self.decode_size is not None:
+            _check(self.decode_size >= 8, "data.decode_size", self.decode_size, "must be >= 8")
+
+
+@dataclass
+class BackboneConfig:
+    """The encoder. ``name`` is a registered backbone (``selfsup methods`` lists them) or
+    ``timm:<model_name>`` for any timm model built without a classifier head."""
+
+    name: str = "resnet18"
+    cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool (for 32-px images)
+    img_size: int | None = None  # ViTs: input side (default: the first view's crop size)
+    patch_size: int | None = None  # ViTs: patch side
+    drop_path: float = 0.0
+
+    def validate(self) -> None:
+        _check(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "must be in [0, 1)")
+
+
+@dataclass
+class AugmentSection:
+    """The views a method trains on: ``views`` are the global crops (two for most methods),
+    ``local`` is the multi-crop small-crop recipe, repeated ``n_local`` times."""
+
+    views: list[AugmentConfig] = field(
+        default_factory=lambda: [simclr_view(32, strength=0.5, blur=False)] * 2
+    )
+    local: AugmentConfig | None = None
+    n_local: int = 0
+
+    def validate(self) -> None:
+        _check(len(self.views) >= 1, "augment.views", len(self.views), "needs at least one view")
+        for i, v in enumerate(self.views):
+            _validate_nested(v, f"augment.views.{i}")
+        _check(self.n_local >= 0, "augment.n_local", self.n_local, "must be >= 0")
+        if self.n_local > 0:
+            if self.local is None:
+                raise ConfigError("augment.n_local > 0 needs an augment.local view recipe")
+            _validate_nested(self.local, "augment.local")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedules. ``lr`` is the base rate at ``ref_batch``; the rate used is
+    scaled by ``lr_scaling`` (``linear``: lr * batch / ref_batch, as in SimCLR/BYOL/MAE;
+    ``sqrt``: lr * sqrt(batch / ref_batch); ``none``). LR: linear warmup then cosine to
+    ``min_lr`` per step. Weight decay: cosine from ``weight_decay`` to ``weight_decay_end``."""
+
+    name: str = "lars"  # lars | sgd | adamw
+    lr: float = 0.3
+    lr_scaling: str = "linear"
+    ref_batch: int = 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 10.0
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-6
+    weight_decay_end: float | None = None
+    exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases and norms
+    lars_eta: float = 0.001
+    grad_clip: float | None = None
+
+    def validate(self) -> None:
+        _check(self.name in ("lars", "sgd", "adamw"), "optim.name", self.name, "must be lars, sgd or adamw")
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(self.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", self.lr_scaling,
+               "must be linear, sqrt or none")
+        _check(self.ref_batch >= 1, "optim.ref_batch", self.ref_batch, "must be >= 1")
+        _check(self.min_lr >= 0, "optim.min_lr", self.min_lr, "must be >= 0")
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        if self.weight_decay_end is not None:
+            _check(self.weight_decay_end >= 0, "optim.weight_decay_end", self.weight_decay_end, "must be >= 0")
+        if self.grad_clip is not None:
+            _check(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "must be > 0 (or null for none)")
+        _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
+
+    def scaled_lr(self, batch_size: int) -> float:
+        ratio = batch_size / self.ref_batch
+        if self.lr_scaling == "linear":
+            return self.lr * ratio
+        if self.lr_scaling == "sqrt":
+            return self.lr * ratio**0.5
+        return self.lr
+
+
+@dataclass
+class TrainerConfig:
+    """The loop: how long, on what, at which precision, and where the run directory goes."""
+
+    epochs: int = 100
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | 32 | bf16-mixed | 16-mixed
+    channels_last: bool = True
+    accumulate: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    out_dir: str = "runs"
+    run_name: str | None = None
+    ckpt_every: int = 0  # also keep epoch_N.ckpt every N epochs (0: only last.ckpt)
+    log_every: int = 10  # steps between CSV/TensorBoard rows
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    progress: bool = True
+    threads: int | None = None  # torch intra-op threads on CPU (default: torch's choice)
+    monitor_every: int = 50  # steps between collapse-monitor rank estimates
+
+    def validate(self) -> None:
+        _check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
+        if self.max_steps is not None:
+            _check(self.max_steps >= 1, "trainer.max_steps", self.max_steps, "must be >= 1")
+        _check(self.precision in ("auto", "32", "bf16-mixed", "16-mixed"), "trainer.precision",
+               self.precision, "must be auto, 32, bf16-mixed or 16-mixed")
+        _check(self.accumulate >= 1, "trainer.accumulate", self.accumulate, "must be >= 1")
+        _check(self.ckpt_every >= 0, "trainer.ckpt_every", self.ckpt_every, "must be >= 0")
+        _check(self.log_every >= 1, "trainer.log_every", self.log_every, "must be >= 1")
+        _check(self.max_bad_steps >= 1, "trainer.max_bad_steps", self.max_bad_steps, "must be >= 1")
+        _check(self.monitor_every >= 1, "trainer.monitor_every", self.monitor_every, "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation run at the end of pretraining (and by ``selfsup eval``)."""
+
+    knn_k: list[int] = field(default_factory=lambda: [20, 200])
+    knn_temperature: float = 0.07
+    final_knn: bool = True  # kNN of the trained encoder when pretraining ends
+    compare_random_init: bool = True  # and of the same encoder at random init, for contrast
+
+    def validate(self) -> None:
+        _check(len(self.knn_k) >= 1 and all(k >= 1 for k in self.knn_k), "eval.knn_k", self.knn_k,
+               "must be a non-empty list of positive integers")
+        _check(self.knn_temperature > 0, "eval.knn_temperature", self.knn_temperature, "must be > 0")
+
+
+@dataclass
+class Config:
+    method: Any  # the method's own Config dataclass (has a `name` field)
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            _validate_nested(getattr(self, f.name), f.name)
+        check_batch = getattr(self.method, "min_batch_size", 1)
+        _check(self.data.batch_size >= check_batch, "data.batch_size", self.data.batch_size,
+               f"must be >= {check_batch} for {self.method.name} (it needs negatives or batch statistics)")
+
+    def to_dict(self) -> dict:
+        return _to_plain(self)
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def _validate_nested(obj: Any, prefix: str) -> None:
+    validate = getattr(obj, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except ConfigError as err:
+        msg = str(err)
+        # sections name their own keys; nested augment views name fields without a prefix
+        raise ConfigError(msg if msg.startswith(prefix) else f"{prefix}: {msg}") from None
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Merge ``over`` into a copy of ``base``: dicts merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe and everything it inherits from (``base:`` is a path or a list of paths,
+    relative to the recipe). Later bases override earlier ones; the recipe overrides all."""
+    path = Path(path).resolve()
+    if path in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path))
+        raise ConfigError(f"recipe inheritance loops: {chain}")
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    bases = raw.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for base in bases:
+        merged = deep_merge(merged, load_yaml(path.parent / base, (*_seen, path)))
+    return deep_merge(merged, raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], parsed value). Values are parsed as YAML, so
+    ``0.5`` is a float, ``true`` a bool, ``[20,200]`` a list and ``null`` None."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, _, value = text.partition("=")
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_override(tree: dict, parts: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, where: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{'.'.join(where)}: index must be 0..{len(node) - 1}")
+    return int(part)
+
+
+# --------------------------------------------------------------------------------------
+# dict -> typed dataclasses
+
+
+def from_dict(cls: type, data: Any, prefix: str) -> Any:
+    """Build dataclass ``cls`` from a plain dict, converting nested sections, tuples and
+    optionals by the type hints. Unknown keys raise ConfigError listing the valid ones."""
+    if data is None:
+        data = {}
+    if dataclasses.is_dataclass(data):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"unknown key {prefix}.{key}{hint}; valid keys of {prefix}: {', '.join(names)}"
+            )
+        kwargs[key] = _convert(hints[key], value, f"{prefix}.{key}")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be null")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r}: expected a list")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}={value!r}: expected {len(args)} values")
+            return tuple(_convert(a, v, f"{where}.{i}") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_convert(item, v, f"{where}.{i}") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r}: expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}={value!r}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):  # YAML reads 1e-6 (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r}: expected a string")
+        return str(value)
+    return value
+
+
+def build_config(tree: dict) -> Config:
+    """Typed, validated Config from a merged dict."""
+    from selfsup.registry import get_method  # the method section is typed by the method
+
+    tree = copy.deepcopy(tree)
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for key in tree:
+        if key not in sections:
+            close = difflib.get_close_matches(str(key), sections, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown section {key!r}{hint}; valid sections: {', '.join(sections)}")
+    method_tree = tree.pop("method", None) or {}
+    if not isinstance(method_tree, dict):
+        raise ConfigError("method must be a mapping with at least `name:`")
+    method_cls = get_method(method_tree.get("name", "simclr"))
+    method_tree = {**method_tree, "name": method_cls.name}
+    kwargs = {"method": from_dict(method_cls.Config, method_tree, "method")}
+    hints = typing.get_type_hints(Config)
+    for name in sections:
+        if name != "method" and name in tree:
+            kwargs[name] = _convert(hints[name], tree[name], name)
+    cfg = Config(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base_tree: dict | None = None) -> Config:
+    """Recipe file (or ``base_tree``, e.g. a checkpoint's saved config) + overrides -> Config."""
+    # start from the defaults, so an override can reach into a default list (augment.views.1.size)
+    tree = {f.name: _to_plain(f.default_factory()) for f in dataclasses.fields(Config)
+            if f.default_factory is not dataclasses.MISSING}
+    if base_tree is not None:
+        tree = deep_merge(tree, base_tree)
+    if path is not None:
+        tree = deep_merge(tree, load_yaml(path))
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value)
+    return build_config(tree)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

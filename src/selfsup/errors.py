@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints these as one clear line, never a traceback."""
+
+
+class SelfSupError(Exception):
+    """Base class: a problem with the user's input or environment, with a message saying what to do."""
+
+
+class ConfigError(SelfSupError):
+    """A recipe or an override is wrong: unknown key, bad type, value out of range."""
+
+
+class DataError(SelfSupError):
+    """The data cannot be used: missing or empty folder, nothing decodable, dataset not downloaded."""
+
+
+class CheckpointError(SelfSupError):
+    """A checkpoint is missing, unreadable or from an incompatible run."""
+
+
+class TrainingError(SelfSupError):
+    """Training had to stop (e.g. repeated non-finite losses); the last good checkpoint is kept."""

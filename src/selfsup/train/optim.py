@@ -1,0 +1,78 @@
+"""Optimizers: SGD, AdamW (torch) and LARS (You et al. 2017, as used by SimCLR and BYOL)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfsup.config import OptimConfig
+
+
+class LARS(torch.optim.Optimizer):
+    r"""Layer-wise Adaptive Rate Scaling (You, Gitman, Ginsburg 2017), SGD-momentum form used by
+    SimCLR/BYOL: for each parameter tensor w with gradient g (weight decay folded in first,
+    g <- g + wd w), the local rate is
+
+    .. math:: \eta_{local} = \eta_{trust} \frac{\lVert w \rVert}{\lVert g \rVert}
+
+    (1 when either norm is 0), the update is v <- m v + lr * eta_local * g; w <- w - v.
+    Parameter groups with ``lars_exclude=True`` (biases and norm layers, as in the papers) get
+    neither weight decay nor adaptation.
+    """
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if not group["lars_exclude"]:
+                    if group["weight_decay"]:
+                        g = g.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
+                    g = g * trust
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def param_groups(model: nn.Module, exclude_bias_norm: bool = True) -> list[dict]:
+    """Two groups: weights (decayed, adapted) and biases/norm parameters (1-d tensors), which the
+    SimCLR/BYOL/MAE recipes exclude from weight decay and LARS adaptation."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if exclude_bias_norm and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "wd_scale": 1.0, "lars_exclude": False}]
+    if no_decay:
+        groups.append({"params": no_decay, "wd_scale": 0.0, "lars_exclude": True})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.name`` over ``model``'s trainable parameters; each group has a
+    ``wd_scale`` the trainer multiplies the scheduled weight decay by."""
+    groups = param_groups(model, cfg.exclude_bias_norm)
+    for g in groups:
+        g["weight_decay"] = cfg.weight_decay * g["wd_scale"]
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+    for g in groups:
+        g.pop("lars_exclude")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)

@@ -1,0 +1,30 @@
+"""Shared fixtures: keep every test on CPU, offline, single-threaded-deterministic, in tmp dirs."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("SELFSUP_CACHE_DIR", os.path.join(os.path.dirname(__file__), ".cache-unused"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SELFSUP_CACHE_DIR", str(tmp_path / "selfsup-cache"))
+    torch.manual_seed(0)
+    yield
+
+
+TINY = [
+    "data.limit=64", "data.batch_size=16", "data.eval_batch_size=256",
+    "method.proj_hidden_dim=32", "method.proj_dim=16",
+    "augment.views.0.size=16", "augment.views.1.size=16",
+    "trainer.progress=false", "trainer.precision=32", "trainer.device=cpu",
+    "optim.name=sgd", "optim.lr=0.5", "optim.warmup_epochs=0",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """A SimCLR run small enough to train in about a second: 64 images, 16-px crops."""
+    return [*TINY, f"trainer.out_dir={tmp_path / 'runs'}"]

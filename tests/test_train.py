@@ -1,0 +1,145 @@
+import json
+import math
+
+import pytest
+import torch
+
+from selfsup.cli import main
+from selfsup.config import load_config
+from selfsup.errors import TrainingError
+from selfsup.train import checkpoint as ckpt_mod
+from selfsup.train.checkpoint import load_checkpoint
+from selfsup.train.trainer import Trainer
+
+
+def _params(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_overrides):
+    straight = load_config(None, [*tiny_overrides, "trainer.epochs=2"])
+    Trainer(straight, run_dir=tmp_path / "straight").fit()
+
+    Trainer(straight, run_dir=tmp_path / "split").fit(until_step=4)  # 4 steps = 1 epoch of 64 / 16
+    resumed_ckpt = load_checkpoint(tmp_path / "split")
+    assert resumed_ckpt["position"] == {"step": 4, "epoch": 1, "batch": 0}
+    Trainer(straight, run_dir=tmp_path / "split", resume=resumed_ckpt).fit()
+
+    a, b = _params(tmp_path / "straight" / "last.ckpt"), _params(tmp_path / "split" / "last.ckpt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+
+
+def test_resume_mid_epoch(tmp_path, tiny_overrides):
+    straight = load_config(None, [*tiny_overrides, "trainer.epochs=1"])
+    Trainer(straight, run_dir=tmp_path / "straight").fit()
+    Trainer(straight, run_dir=tmp_path / "split").fit(until_step=2)
+    ck = load_checkpoint(tmp_path / "split")
+    assert ck["position"] == {"step": 2, "epoch": 0, "batch": 2}
+    Trainer(straight, run_dir=tmp_path / "split", resume=ck).fit()
+    a, b = _params(tmp_path / "straight" / "last.ckpt"), _params(tmp_path / "split" / "last.ckpt")
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, tiny_overrides, monkeypatch):
+    cfg = load_config(None, [*tiny_overrides, "trainer.epochs=1"])
+    trainer = Trainer(cfg, run_dir=tmp_path / "run")
+    trainer.fit()
+    good = load_checkpoint(tmp_path / "run")
+    real_save = torch.save
+
+    def dying_save(obj, fh, *a, **k):
+        real_save({"half": torch.zeros(10)}, fh)  # some bytes reach the temp file ...
+        raise KeyboardInterrupt("killed mid-save")  # ... then the process is "killed"
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", dying_save)
+    trainer.step += 1
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    after = load_checkpoint(tmp_path / "run")
+    assert after["position"] == good["position"]
+    assert not list((tmp_path / "run").glob("*.tmp")), "temp file left behind"
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["eval", "knn", "--checkpoint", str(bad)]) == 2
+    assert "not a readable selfsup checkpoint" in capsys.readouterr().err
+
+
+def test_nan_loss_skipped_then_stops_with_message(tmp_path, tiny_overrides, monkeypatch):
+    cfg = load_config(None, [*tiny_overrides, "trainer.epochs=3", "trainer.max_bad_steps=3"])
+    trainer = Trainer(cfg, run_dir=tmp_path / "run")
+    real_forward = type(trainer.method).forward
+    calls = {"n": 0}
+
+    def flaky(self, batch):
+        out = real_forward(self, batch)
+        calls["n"] += 1
+        if calls["n"] == 2 or calls["n"] >= 6:  # one isolated bad step, later a run of bad ones
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(type(trainer.method), "forward", flaky)
+    with pytest.raises(TrainingError, match="NaN/Inf for 3 consecutive.*optim.lr.*precision"):
+        trainer.fit()
+    assert trainer.bad_steps_total == 4  # 1 isolated + 3 consecutive
+    ck = load_checkpoint(tmp_path / "run")  # epoch 1 finished cleanly and was kept
+    assert ck["position"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_cli_pretrain_eval_export_end_to_end(tmp_path, tiny_overrides, capsys):
+    import torchvision
+    from safetensors.torch import load_file
+
+    from selfsup.export import load_encoder
+
+    rc = main(["pretrain", *tiny_overrides, "trainer.epochs=1", "trainer.run_name=e2e"])
+    assert rc == 0
+    run = tmp_path / "runs" / "e2e"
+    out = capsys.readouterr().out
+    assert "kNN top-1 (k20), pretrained" in out and "random init" in out and str(run) in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["finished"] and math.isfinite(summary["final_loss"])
+    assert {"trained", "random_init"} <= summary["knn"].keys()
+    assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
+
+    assert main(["eval", "knn", "--checkpoint", str(run / "last.ckpt")]) == 0
+    result = json.loads((run / "eval_knn.json").read_text())
+    assert 0 <= result["k20"]["top1"] <= 100 and result["test_samples"] == 1000
+    assert list((run / "features").glob("*.pt")), "features are cached per checkpoint"
+
+    assert main(["eval", "linear", "--checkpoint", str(run), "--epochs", "2"]) == 0
+    assert "best_top1" in json.loads((run / "eval_linear.json").read_text())
+
+    target = tmp_path / "enc.safetensors"
+    assert main(["export", str(run / "last.ckpt"), str(target)]) == 0
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    model.load_state_dict(load_file(str(target)))  # the documented one-liner
+    rebuilt = load_encoder(target)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    assert torch.allclose(model(x), rebuilt(x), atol=1e-5)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["pretrain", "optim.lr=-1"]) == 2
+    assert "optim.lr=-1" in capsys.readouterr().err
+    assert main(["pretrain", "--data", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["pretrain", "--data", str(tmp_path / "empty")]) == 2
+    assert "selfsup: error" in capsys.readouterr().err
+    assert main(["pretrain", "nonsense"]) == 2
+
+
+def test_methods_lists_simclr(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "simclr" in out and "Chen et al. 2020" in out
