@@ -143,3 +143,46 @@ def test_methods_lists_simclr(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "simclr" in out and "Chen et al. 2020" in out
+
+
+def test_online_knn_logged_every_epoch(tmp_path, tiny_overrides):
+    import csv
+
+    cfg = load_config(None, [*tiny_overrides, "trainer.epochs=2", "eval.online_every=1", "trainer.log_every=1"])
+    summary = Trainer(cfg, run_dir=tmp_path / "run").fit()
+    assert [e["epoch"] for e in summary["online_knn"]] == [1, 2]
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    knn = [float(r["knn/top1"]) for r in rows if r.get("knn/top1")]
+    assert len(knn) == 2 and all(0 <= v <= 100 for v in knn)
+    assert all(r["loss"] for r in rows if not r.get("knn/top1"))  # step rows kept their values
+
+
+def test_switching_method_on_command_line_drops_old_hyperparameters():
+    cfg = load_config(None, ["method.name=byol"])  # the default recipe is SimCLR's
+    assert cfg.method.name == "byol" and not hasattr(cfg.method, "temperature")
+
+
+def test_fixed_lr_groups_keep_base_lr(tmp_path, tiny_overrides):
+    from selfsup.train.optim import param_groups
+
+    class Toy(torch.nn.Module):
+        fixed_lr_modules = ("predictor",)
+
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.predictor = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    groups = param_groups(Toy())
+    fixed = [g for g in groups if g["fixed_lr"]]
+    assert sum(len(g["params"]) for g in fixed) == 2  # predictor weight and bias
+    assert {g["wd_scale"] for g in fixed} == {0.0, 1.0}
+
+
+def test_narrow_resnet_keeps_torchvision_names_and_zero_init():
+    from selfsup.backbones import build_backbone
+    from selfsup.config import BackboneConfig
+
+    b = build_backbone(BackboneConfig(width=16, cifar_stem=True, zero_init_residual=True))
+    assert b.out_dim == 128 and b(torch.randn(2, 3, 32, 32)).shape == (2, 128)
+    assert set(b.export_state_dict()) <= set(__import__("torchvision").models.resnet18().state_dict())
+    assert float(b.model.layer2[0].bn2.weight.detach().abs().sum()) == 0.0

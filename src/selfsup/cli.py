@@ -1,4 +1,4 @@
-"""`selfsup pretrain | eval | export | methods` — the command line.
+"""`selfsup pretrain | eval | report | export | methods` — the command line.
 
 Every command takes ``key.sub=value`` overrides after its options. Errors a user can fix
 (bad config, missing data, unreadable checkpoint) print one line and exit with status 2;
@@ -128,6 +128,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     device, precision = eval_device(args.device)
     if args.precision:
         precision = args.precision
+    if args.protocol == "finetune":
+        return cmd_finetune(args, overrides)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
     if channels_last := (device.type in ("cpu", "cuda")):
         import torch
@@ -156,6 +158,32 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 # --------------------------------------------------------------------------------------
 # export / methods
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfsup.eval import format_table
+    from selfsup.eval.finetune import finetune
+    from selfsup.evaluate import eval_device, load_method, load_split
+
+    device, _ = eval_device(args.device)
+    method, cfg, path = load_method(args.checkpoint, device, overrides)
+    train = load_split(cfg, args.train_split or cfg.data.train_split, args.data)
+    test = load_split(cfg, args.test_split or cfg.data.test_split, args.data)
+    result = finetune(method, train, test, epochs=args.epochs, device=device, seed=cfg.trainer.seed)
+    result = {"protocol": "finetune", "checkpoint": str(path), "data": args.data or cfg.data.source, **result}
+    out = Path(args.out) if args.out else path.parent / "eval_finetune.json"
+    out.write_text(json.dumps(result, indent=2, default=float))
+    print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss", "lr", "recipe")}))
+    print(f"saved {out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfsup.report import report_command
+
+    report_command(args.run_dir, args.data, device=args.device, max_points=args.max_points,
+                   projection=args.projection)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -195,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
-    ev.add_argument("protocol", choices=["knn", "linear", "fewshot", "diagnose"])
+    ev.add_argument("protocol", choices=["knn", "linear", "fewshot", "diagnose", "finetune"])
     ev.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory")
     ev.add_argument("--data", help="labeled data to evaluate on (default: the pretraining data)")
     ev.add_argument("--train-split", help="split used as kNN bank / probe training set")
@@ -203,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="JSON file for the results (default: RUN/eval_<protocol>.json)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"])
-    ev.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    ev.add_argument("--epochs", type=int, default=100, help="linear probe / fine-tuning epochs")
     ev.add_argument("--n-way", type=int, default=5, help="few-shot classes per episode")
     ev.add_argument("--episodes", type=int, default=100, help="few-shot episodes")
     ev.set_defaults(func=cmd_eval)
@@ -212,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint")
     ex.add_argument("out")
     ex.set_defaults(func=cmd_export)
+
+    rp = sub.add_parser("report", help="write RUN/report/report.html with curves, embedding map and more")
+    rp.add_argument("run_dir")
+    rp.add_argument("--data", help="labeled data for the embedding map (default: the run's)")
+    rp.add_argument("--device", default="cpu")
+    rp.add_argument("--max-points", type=int, default=2000)
+    rp.add_argument("--projection", choices=["auto", "umap", "tsne", "pca"], default="auto")
+    rp.set_defaults(func=cmd_report)
 
     me = sub.add_parser("methods", help="list the registered methods with their papers")
     me.set_defaults(func=cmd_methods)

@@ -61,12 +61,15 @@ class BackboneConfig:
 
     name: str = "resnet18"
     cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool (for 32-px images)
+    width: int = 64  # ResNets: channels of the first stage (64 = torchvision's; stages double it)
+    zero_init_residual: bool = False  # ResNets: zero the last BN scale of each block (SimSiam app. A)
     img_size: int | None = None  # ViTs: input side (default: the first view's crop size)
     patch_size: int | None = None  # ViTs: patch side
     drop_path: float = 0.0
 
     def validate(self) -> None:
         _check(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "must be in [0, 1)")
+        _check(self.width >= 4, "backbone.width", self.width, "must be >= 4")
 
 
 @dataclass
@@ -155,6 +158,7 @@ class TrainerConfig:
     progress: bool = True
     threads: int | None = None  # torch intra-op threads on CPU (default: torch's choice)
     monitor_every: int = 50  # steps between collapse-monitor rank estimates
+    sync_bn: bool = False  # multi-process: BatchNorm statistics over all ranks (SyncBatchNorm)
 
     def validate(self) -> None:
         _check(self.epochs >= 1, "trainer.epochs", self.epochs, "must be >= 1")
@@ -177,11 +181,13 @@ class EvalConfig:
     knn_temperature: float = 0.07
     final_knn: bool = True  # kNN of the trained encoder when pretraining ends
     compare_random_init: bool = True  # and of the same encoder at random init, for contrast
+    online_every: int = 0  # kNN on the labeled test split every N epochs during pretraining (0: off)
 
     def validate(self) -> None:
         _check(len(self.knn_k) >= 1 and all(k >= 1 for k in self.knn_k), "eval.knn_k", self.knn_k,
                "must be a non-empty list of positive integers")
         _check(self.knn_temperature > 0, "eval.knn_temperature", self.knn_temperature, "must be > 0")
+        _check(self.online_every >= 0, "eval.online_every", self.online_every, "must be >= 0 (0 turns it off)")
 
 
 @dataclass
@@ -431,8 +437,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = deep_merge(tree, base_tree)
     if path is not None:
         tree = deep_merge(tree, load_yaml(path))
-    for text in overrides or []:
-        parts, value = parse_override(text)
+    parsed = [parse_override(text) for text in overrides or []]
+    new_name = [v for p, v in parsed if p == ["method", "name"]]
+    if new_name and str(new_name[-1]).lower() != str(tree.get("method", {}).get("name", "")).lower():
+        # switching methods on the command line: the recipe's hyperparameters belonged to the old one
+        tree["method"] = {}
+    for parts, value in parsed:
         apply_override(tree, parts, value)
     return build_config(tree)
 

@@ -35,14 +35,39 @@ class Backbone(nn.Module):
 
 
 def _resnet(arch: str, cfg: BackboneConfig) -> Backbone:
-    model = getattr(torchvision.models, arch)(weights=None)
+    model = getattr(torchvision.models, arch)(weights=None, zero_init_residual=cfg.zero_init_residual)
+    if cfg.width != 64:
+        _set_width(model, cfg.width, cfg.zero_init_residual)
     if cfg.cifar_stem:
         # CIFAR variant (SimCLR appendix B.9): 3x3 stride-1 stem, no max-pool, keeps 32x32 detail
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(3, cfg.width, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     out_dim = model.fc.in_features
     model.fc = nn.Identity()
     return Backbone(model, out_dim, "torchvision")
+
+
+def _set_width(model: torchvision.models.ResNet, width: int, zero_init_residual: bool = False) -> None:
+    """Rebuild a torchvision ResNet's stem and stages with ``width`` channels in the first stage
+    (doubling per stage), with torchvision's own blocks: parameter names stay torchvision's, so
+    the weights load into the same rebuilt model. Narrow CIFAR-stem ResNets keep the 32x32
+    resolution that a stride-4 stem throws away at about the same CPU cost."""
+    block = type(model.layer1[0])
+    depths = [len(model.layer1), len(model.layer2), len(model.layer3), len(model.layer4)]
+    model.inplanes = width
+    model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    model.layer1 = model._make_layer(block, width, depths[0])
+    model.layer2 = model._make_layer(block, width * 2, depths[1], stride=2)
+    model.layer3 = model._make_layer(block, width * 4, depths[2], stride=2)
+    model.layer4 = model._make_layer(block, width * 8, depths[3], stride=2)
+    model.fc = nn.Linear(width * 8 * block.expansion, 1000)
+    for m in model.modules():  # torchvision's init for the rebuilt layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        last_bn = getattr(m, "bn3", None) or getattr(m, "bn2", None) if hasattr(m, "downsample") else None
+        if zero_init_residual and last_bn is not None:
+            nn.init.zeros_(last_bn.weight)
 
 
 for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):

@@ -50,16 +50,21 @@ class LARS(torch.optim.Optimizer):
 
 
 def param_groups(model: nn.Module, exclude_bias_norm: bool = True) -> list[dict]:
-    """Two groups: weights (decayed, adapted) and biases/norm parameters (1-d tensors), which the
-    SimCLR/BYOL/MAE recipes exclude from weight decay and LARS adaptation."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    """Weights (decayed, adapted) and biases/norm parameters (1-d tensors), which the
+    SimCLR/BYOL/MAE recipes exclude from weight decay and LARS adaptation. Parameters under a
+    module named in the model's ``fixed_lr_modules`` (SimSiam's predictor, sec. 4.1) get their own
+    groups marked ``fixed_lr``: the trainer holds their lr at the base value, without warmup or decay."""
+    fixed_prefixes = tuple(f"{m}." for m in getattr(model, "fixed_lr_modules", ()))
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if exclude_bias_norm and p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "wd_scale": 1.0, "lars_exclude": False}]
-    if no_decay:
-        groups.append({"params": no_decay, "wd_scale": 0.0, "lars_exclude": True})
+        key = (bool(fixed_prefixes) and name.startswith(fixed_prefixes), exclude_bias_norm and p.ndim <= 1)
+        buckets.setdefault(key, []).append(p)
+    groups = []
+    for (fixed, no_decay), params in sorted(buckets.items()):
+        groups.append({"params": params, "wd_scale": 0.0 if no_decay else 1.0, "lars_exclude": no_decay,
+                       "fixed_lr": fixed})
     return groups
 
 

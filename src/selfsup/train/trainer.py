@@ -224,6 +224,8 @@ class Trainer:
             self._load_state(resume)
         self.model = self.method
         if self.world > 1:
+            if cfg.trainer.sync_bn:  # BN statistics over the global batch, as SimCLR/BYOL/SimSiam do
+                self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
             self.model = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
@@ -269,7 +271,7 @@ class Trainer:
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         wd = cosine_schedule(self.step, self.total_steps, o.weight_decay, wd_end)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = (self.lr if group.get("fixed_lr") else lr) * group.get("lr_scale", 1.0)
             group["weight_decay"] = wd * group.get("wd_scale", 1.0)
         return lr, wd
 
@@ -369,6 +371,7 @@ class Trainer:
                     if not stopped_early and self.batch_in_epoch + cfg.trainer.accumulate > len(self.loader):
                         self.epoch += 1
                         self.batch_in_epoch = 0
+                        self._online_eval(log_rows, bar)
                         if cfg.trainer.ckpt_every and self.epoch % cfg.trainer.ckpt_every == 0:
                             self.save(f"epoch_{self.epoch}.ckpt")
                     self.save()
@@ -377,6 +380,28 @@ class Trainer:
             log_rows.close()
         wall = time.perf_counter() - t_start
         return self._summary(wall, stopped_early)
+
+    def _online_eval(self, log_rows, bar) -> None:
+        """kNN on the labeled test split every ``eval.online_every`` epochs (rank 0 only),
+        logged as ``knn/top1`` so the report can plot it against epochs."""
+        every = self.cfg.eval.online_every
+        if not every or self.epoch % every or not self.is_main or self.history.get("online_off"):
+            return
+        from selfsup.evaluate import labeled_features, run_knn
+        from selfsup.errors import DataError
+
+        try:
+            feats = labeled_features(self.method, self.cfg, device=self.device, precision=self.precision)
+        except DataError as err:
+            log.warning("online kNN is off: %s", err)
+            self.history["online_off"] = True
+            return
+        result = run_knn(feats, self.cfg)
+        k = next(iter(result))
+        top1 = result[k]["top1"]
+        self.history.setdefault("online_knn", []).append({"epoch": self.epoch, "step": self.step, "top1": top1})
+        log_rows.write({"step": self.step, "epoch": self.epoch, "knn/top1": top1})
+        bar.write(f"epoch {self.epoch}: online kNN top-1 ({k}) {top1:.2f}%")
 
     def _log_step(self, log_rows, bar, loss, lr, wd, metrics, img_s) -> None:
         self.last_loss = loss
@@ -408,6 +433,7 @@ class Trainer:
             "data": {"source": self.cfg.data.source, "train_samples": len(self.dataset),
                      "skipped_images": getattr(self.dataset, "skipped", 0)},
             "monitor": self.monitor.summary(),
+            "online_knn": self.history.get("online_knn", []),
             "versions": versions(),
             "config": self.cfg.to_dict(),
         }
@@ -444,16 +470,32 @@ class _MetricLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        new_file = not self.path.exists()
-        with self.path.open("a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
-            if new_file:
+        fields = self._fields()
+        if any(k not in fields for k in row):  # a new column (e.g. knn/top1): rewrite with the union
+            rows = self._read()
+            fields = fields + [k for k in row if k not in fields]
+            with self.path.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=fields)
                 writer.writeheader()
-            writer.writerow(row)
+                writer.writerows(rows)
+        with self.path.open("a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=fields).writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, row["step"])
+
+    def _fields(self) -> list[str]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as fh:
+            return next(csv.reader(fh), [])
+
+    def _read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as fh:
+            return list(csv.DictReader(fh))
 
     def close(self) -> None:
         if self.tb is not None:

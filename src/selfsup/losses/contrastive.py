@@ -1,4 +1,4 @@
-"""Self-supervised objectives as pure functions of tensors, one per paper, each with its formula.
+"""Contrastive objectives (positives against negatives).
 
 Every function takes the local (per-rank) tensors; where the objective needs the whole global
 batch it calls ``selfsup.dist.gather`` itself, so the same code runs on one CPU process and on
@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import dist
+
+__all__ = ["nt_xent"]
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, gather: bool = True) -> torch.Tensor:
