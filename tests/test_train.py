@@ -99,7 +99,9 @@ def test_cli_pretrain_eval_export_end_to_end(tmp_path, tiny_overrides, capsys):
 
     from selfsup.export import load_encoder
 
-    rc = main(["pretrain", *tiny_overrides, "trainer.epochs=1", "trainer.run_name=e2e"])
+    # the stock torchvision ResNet-18 layout, so the documented one-line load applies as written
+    rc = main(["pretrain", *tiny_overrides, "trainer.epochs=1", "trainer.run_name=e2e",
+               "backbone.width=64", "backbone.cifar_stem=false"])
     assert rc == 0
     run = tmp_path / "runs" / "e2e"
     out = capsys.readouterr().out

@@ -122,6 +122,8 @@ def _print_pretrain_summary(summary: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
     from selfsup.eval import diagnose, few_shot, format_table
     from selfsup.evaluate import checkpoint_tag, eval_device, labeled_features, load_method, run_knn, run_linear
 
@@ -131,11 +133,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.protocol == "finetune":
         return cmd_finetune(args, overrides)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
-    if channels_last := (device.type in ("cpu", "cuda")):
-        import torch
-
-        method = method.to(memory_format=torch.channels_last)
-    method.channels_last = channels_last
+    method = method.to(memory_format=torch.channels_last)  # what training used; faster convs
+    method.channels_last = True
     feats = labeled_features(method, cfg, device=device, source=args.data, train_split=args.train_split,
                              test_split=args.test_split, cache_dir=path.parent / "features",
                              cache_tag=checkpoint_tag(path), precision=precision)

@@ -58,7 +58,7 @@ class MethodConfig:
 class Method(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""  # "Authors Year, Title" for `selfsup methods`
-    family: ClassVar[str] = ""  # contrastive | distillation | redundancy | masked | pretext
+    family: ClassVar[str] = ""  # contrastive | distillation | clustering | redundancy | masked | pretext
     modalities: ClassVar[tuple[str, ...]] = ("image",)
     Config: ClassVar[type] = MethodConfig
 

@@ -22,7 +22,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,10 @@ def build_method(cfg: Config) -> Method:
 
     method_cls = get_method(cfg.method.name)
     torch.manual_seed(cfg.trainer.seed)  # same seed -> same init, also for the random-init baseline
-    return method_cls(cfg.method, build_backbone(cfg.backbone), cfg.augment)
+    backbone_cfg = cfg.backbone
+    if backbone_cfg.img_size is None and backbone_cfg.name.startswith("timm:"):
+        backbone_cfg = replace(backbone_cfg, img_size=cfg.augment.views[0].size)  # ViTs: the global crop side
+    return method_cls(cfg.method, build_backbone(backbone_cfg), cfg.augment)
 
 
 def limit_dataset(dataset, limit: int | None, seed: int = 0):
@@ -225,6 +228,8 @@ class Trainer:
         self.model = self.method
         if self.world > 1:
             if cfg.trainer.sync_bn:  # BN statistics over the global batch, as SimCLR/BYOL/SimSiam do
+                if self.device.type != "cuda":
+                    raise ConfigError("trainer.sync_bn=true needs CUDA (torch's SyncBatchNorm has no CPU path)")
                 self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
             self.model = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -428,6 +433,7 @@ class Trainer:
             "world_size": self.world,
             "timings": {"wall_seconds_this_session": wall, "train_seconds": train_s,
                         "images_per_second": self.history["images"] / train_s if train_s else None},
+            "peak_memory_mib": peak_memory_mib(self.device),
             "final_loss": getattr(self, "last_loss", None),
             "bad_steps_skipped": self.bad_steps_total,
             "data": {"source": self.cfg.data.source, "train_samples": len(self.dataset),
@@ -438,6 +444,15 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
         return summary
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def write_summary(summary: dict, run_dir: str | Path) -> None:
