@@ -258,6 +258,24 @@ def test_unselected_samples_are_bit_identical() -> None:
     assert not torch.equal(out[~keep], x[~keep])
 
 
+@pytest.mark.parametrize("name", ["blur", "hue"])
+def test_subset_and_masked_paths_agree(name: str) -> None:
+    # CPU runs expensive ops on the selected rows only; CUDA masks a full-batch result.
+    x = _as_float(_images(12, 16, 16))
+    selected = torch.arange(12) % 3 == 0
+    per_sample = torch.linspace(0.2, 1.8, 12) if name == "blur" else torch.linspace(-0.4, 0.4, 12)
+
+    def op(rows_x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if name == "blur":
+            return A.gaussian_blur(rows_x, per_sample[rows], 5)
+        return A.adjust_hue(rows_x, per_sample[rows])
+
+    subset = A._apply_to_selected(x, selected, op, subset=True)
+    masked = A._apply_to_selected(x, selected, op, subset=False)
+    torch.testing.assert_close(subset, masked, atol=0, rtol=0)
+    assert torch.equal(subset[~selected], x[~selected]) and not torch.equal(subset[selected], x[selected])
+
+
 def test_jitter_order_is_random_per_sample() -> None:
     params = A.sample_color_jitter(200, 0.4, 0.4, 0.4, 0.1, 1.0, _gen(12))
     assert len({tuple(row) for row in params.order.tolist()}) > 12
