@@ -34,6 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
+
 import kornia
 import kornia.augmentation as K
 import torch
@@ -199,17 +202,6 @@ def bench_crop_backends(runs: int, warmup: int) -> list[tuple[str, float, float,
         roi_ms = f"{times['roi1']:.2f} / {times['roi_adaptive']:.2f}"
         print(f"{name}: grid_sample {times['grid']:.2f} ms, roi_align {roi_ms} ms", flush=True)
     return rows
-
-
-def cpu_model() -> str:
-    """CPU model name from /proc/cpuinfo (Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 OVERSUBSCRIBED_SMALL_OP_US = 1000.0

@@ -26,22 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_model  # noqa: E402
+
 import torch
 
 from selfsup.eval import format_table, knn_classify, linear_probe
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_speed.md"
-
-
-def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo ('unknown' elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load_average() -> str:
