@@ -17,6 +17,13 @@ Every number here was produced by a script in `benchmarks/`; each section names 
 the date and the command that produced it, so anyone can rerun it. Rebuild this file with
 `python benchmarks/build_md.py` after rerunning a benchmark. CPU timings come from a shared
 2-core machine and are only comparable inside one section (ratios measured side by side).
+
+Status on 2026-11-23: demo seeds 0 and 1 ran while other jobs shared the two cores (seed 2 ran
+alone: 117 s of training, 132 s in all), so their seconds are inflated; the kNN values do not
+depend on load (the runs are deterministic: seeds 0 and 1 gave the same kNN in two runs). The
+kNN table was stopped after its first method for lack of time: BYOL, which needs far longer
+schedules, stays below random init at this 4-epoch budget. Rerun `python benchmarks/knn_table.py`
+to fill it.
 """
 
 
