@@ -28,3 +28,23 @@ TINY = [
 def tiny_overrides(tmp_path):
     """A SimCLR run small enough to train in about a second: 64 images, 16-px crops."""
     return [*TINY, f"trainer.out_dir={tmp_path / 'runs'}"]
+
+
+def resume_matches_straight(cfg, tmp_path, until_step: int):
+    """Train ``cfg`` straight through, and again stopped at ``until_step`` then resumed from its
+    checkpoint; assert both end with the same weights and buffers (1e-6, fp32).
+    Returns (the checkpoint at the stop, the final state dict) for method-specific checks."""
+    from selfsup.train.checkpoint import load_checkpoint
+    from selfsup.train.trainer import Trainer
+
+    Trainer(cfg, run_dir=tmp_path / "straight").fit()
+    Trainer(cfg, run_dir=tmp_path / "split").fit(until_step=until_step)
+    mid = load_checkpoint(tmp_path / "split")
+    assert mid["position"]["step"] == until_step
+    Trainer(cfg, run_dir=tmp_path / "split", resume=mid).fit()
+    a = load_checkpoint(tmp_path / "straight")["model"]
+    b = load_checkpoint(tmp_path / "split")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+    return mid, a
