@@ -118,6 +118,8 @@ def test_cli_pretrain_eval_export_end_to_end(tmp_path, tiny_overrides, capsys):
 
     assert main(["eval", "linear", "--checkpoint", str(run), "--epochs", "2"]) == 0
     assert "best_top1" in json.loads((run / "eval_linear.json").read_text())
+    assert main(["eval", "linear", "--checkpoint", str(run), "--solver", "lbfgs", "--out", str(tmp_path / "lr.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "lr.json").read_text())["top1"] <= 100
 
     target = tmp_path / "enc.safetensors"
     assert main(["export", str(run / "last.ckpt"), str(target)]) == 0

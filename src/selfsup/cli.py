@@ -140,8 +140,12 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
                              cache_tag=checkpoint_tag(path), precision=precision)
     if args.protocol == "knn":
         result = run_knn(feats, cfg)
+    elif args.protocol == "linear" and args.solver == "lbfgs":  # small sets: exact logistic regression
+        from selfsup.eval import logistic_regression
+
+        result = logistic_regression(*feats[:4])
     elif args.protocol == "linear":
-        result = run_linear(feats, epochs=args.epochs, seed=cfg.trainer.seed)
+        result = run_linear(feats, epochs=args.epochs, optimizer=args.solver, seed=cfg.trainer.seed)
     elif args.protocol == "fewshot":
         result = few_shot(feats[2], feats[3], n_way=args.n_way, episodes=args.episodes, seed=cfg.trainer.seed)
     else:
@@ -231,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"])
     ev.add_argument("--epochs", type=int, default=100, help="linear probe / fine-tuning epochs")
+    ev.add_argument("--solver", choices=["sgd", "adamw", "lbfgs"], default="sgd",
+                    help="linear probe: SGD/AdamW on cached features, or L-BFGS logistic regression")
     ev.add_argument("--n-way", type=int, default=5, help="few-shot classes per episode")
     ev.add_argument("--episodes", type=int, default=100, help="few-shot episodes")
     ev.set_defaults(func=cmd_eval)
