@@ -66,8 +66,17 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
-    if is_dist():
-        x = x.clone()
-        dist.all_reduce(x)
+def all_reduce_sum(x: torch.Tensor, grad: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over ranks (``x`` itself with one process). ``grad=True`` makes the sum part
+    of the autograd graph (PyTorch's ``torch.distributed.nn.functional.all_reduce``, whose
+    backward is again a sum over ranks): for losses of a statistic summed over the global batch,
+    e.g. Barlow Twins' cross-correlation."""
+    if not is_dist() or world_size() == 1:
+        return x
+    if grad and x.requires_grad:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(x)
+    x = x.clone()
+    dist.all_reduce(x)
     return x
