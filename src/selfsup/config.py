@@ -64,12 +64,32 @@ class BackboneConfig:
     width: int = 64  # ResNets: channels of the first stage (64 = torchvision's; stages double it)
     zero_init_residual: bool = False  # ResNets: zero the last BN scale of each block (SimSiam app. A)
     img_size: int | None = None  # ViTs: input side (default: the first view's crop size)
-    patch_size: int | None = None  # ViTs: patch side
+    patch_size: int | None = None  # ViTs: patch side (vit_*: default 16)
     drop_path: float = 0.0
+    # vit_tiny / vit_small / vit_base / vit_large (backbones/vit.py)
+    pos_embed: str = "sincos"  # fixed 2-D sin-cos (MAE, I-JEPA, MoCo v3) or "learned"
+    pool: str = "cls"  # pooled feature: final-normed CLS token, or "mean" of the patch tokens
+    grad_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    depth: int | None = None  # override the size's number of blocks
+    embed_dim: int | None = None  # override the size's width
+    num_heads: int | None = None  # override the size's attention heads
 
     def validate(self) -> None:
         _check(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "must be in [0, 1)")
         _check(self.width >= 4, "backbone.width", self.width, "must be >= 4")
+        _check(self.pos_embed in ("sincos", "learned"), "backbone.pos_embed", self.pos_embed,
+               "must be sincos or learned")
+        _check(self.pool in ("cls", "mean"), "backbone.pool", self.pool, "must be cls or mean")
+        for key in ("img_size", "patch_size", "depth", "embed_dim", "num_heads"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(value >= 1, f"backbone.{key}", value, "must be >= 1 (or null for the default)")
+        if self.embed_dim is not None and self.num_heads is not None:
+            _check(self.embed_dim % self.num_heads == 0, "backbone.embed_dim", self.embed_dim,
+                   f"must be divisible by backbone.num_heads={self.num_heads}")
+        if self.img_size is not None and self.patch_size is not None:
+            _check(self.img_size % self.patch_size == 0, "backbone.img_size", self.img_size,
+                   f"must be a multiple of backbone.patch_size={self.patch_size}")
 
 
 @dataclass
@@ -114,6 +134,10 @@ class OptimConfig:
     exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases and norms
     lars_eta: float = 0.001
     grad_clip: float | None = None
+    # layer-wise lr decay (BEiT / MAE fine-tuning, DINOv2): a ViT backbone parameter of layer i
+    # (0 = embeddings, depth + 1 = final norm) gets lr x layer_decay ** (depth + 1 - i); heads x 1
+    layer_decay: float = 1.0
+    bias_norm_lr_scale: float = 1.0  # lr multiplier of the no-decay group (Barlow Twins: 0.0048 / 0.2)
 
     def validate(self) -> None:
         _check(self.name in ("lars", "sgd", "adamw"), "optim.name", self.name, "must be lars, sgd or adamw")
@@ -129,6 +153,8 @@ class OptimConfig:
         if self.grad_clip is not None:
             _check(self.grad_clip > 0, "optim.grad_clip", self.grad_clip, "must be > 0 (or null for none)")
         _check(0 <= self.momentum < 1, "optim.momentum", self.momentum, "must be in [0, 1)")
+        _check(0 < self.layer_decay <= 1, "optim.layer_decay", self.layer_decay, "must be in (0, 1] (1: off)")
+        _check(self.bias_norm_lr_scale > 0, "optim.bias_norm_lr_scale", self.bias_norm_lr_scale, "must be > 0")
 
     def scaled_lr(self, batch_size: int) -> float:
         ratio = batch_size / self.ref_batch

@@ -32,10 +32,14 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> dict:
 
     method, cfg, path = load_method(checkpoint)
     tensors = method.backbone.export_state_dict()
+    backbone = cfg.to_dict()["backbone"]
+    built_size = getattr(getattr(method.backbone.model, "patch_embed", None), "img_size", None)
+    if backbone.get("img_size") is None and built_size is not None:
+        backbone["img_size"] = int(built_size[0])  # ViTs: the side it was built for (default: the crop's)
     meta = {
         "format": "selfsup-encoder/1",
         "library": method.backbone.family,
-        "backbone": json.dumps(cfg.to_dict()["backbone"]),
+        "backbone": json.dumps(backbone),
         "method": cfg.method.name,
         "out_dim": str(method.backbone.out_dim),
         "source_checkpoint": str(path),

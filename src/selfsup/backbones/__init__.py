@@ -95,3 +95,9 @@ def _timm(cfg: BackboneConfig) -> Backbone:
 
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     return get_backbone_builder(cfg.name)(cfg)
+
+
+# registers vit_tiny / vit_small / vit_base / vit_large (imported last: vit.py subclasses Backbone)
+from selfsup.backbones.vit import ViT, sincos_2d_pos_embed  # noqa: E402
+
+__all__ = ["Backbone", "ViT", "build_backbone", "sincos_2d_pos_embed"]

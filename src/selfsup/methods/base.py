@@ -7,7 +7,9 @@ A Method is an ``nn.Module`` with
 - ``encode(x) -> features``: what downstream evaluation uses, from a preprocessed input;
 - ``embed(batch) -> features``: raw eval batch -> features (preprocessing + ``encode``), used by
   kNN / linear probe / export so the evaluation code never knows the modality;
-- ``on_step_end(progress)``: after each optimizer step (EMA teachers, queues, schedules).
+- ``on_step_end(progress)``: after each optimizer step (EMA teachers, queues, schedules);
+- ``prepare(dataset, run_dir)``: once before training, after a resume's state is loaded (BEiT
+  fits its tokenizer here).
 The trainer never knows which method it runs.
 """
 
@@ -91,6 +93,10 @@ class Method(nn.Module):
 
     def on_step_end(self, progress: Progress) -> None:
         """Hook after each optimizer step; most methods need nothing."""
+
+    def prepare(self, dataset: Any, run_dir: Any = None) -> None:
+        """Hook before the first step, after a resumed run's state is loaded: methods that fit
+        something on the training data (BEiT's tokenizer) do it here; most need nothing."""
 
     def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         """All global views then all local views of a uint8 batch, made on its device."""

@@ -1,4 +1,5 @@
-"""Optimizers: SGD, AdamW (torch) and LARS (You et al. 2017, as used by SimCLR and BYOL)."""
+"""Optimizers: SGD, AdamW (torch) and LARS (You et al. 2017, as used by SimCLR and BYOL), and their
+parameter groups (no weight decay on biases/norms, layer-wise lr decay for ViTs)."""
 
 from __future__ import annotations
 
@@ -49,31 +50,62 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, exclude_bias_norm: bool = True) -> list[dict]:
+def param_groups(model: nn.Module, exclude_bias_norm: bool = True, layer_decay: float = 1.0,
+                 bias_norm_lr_scale: float = 1.0) -> list[dict]:
     """Weights (decayed, adapted) and biases/norm parameters (1-d tensors), which the
     SimCLR/BYOL/MAE recipes exclude from weight decay and LARS adaptation. Parameters under a
     module named in the model's ``fixed_lr_modules`` (SimSiam's predictor, sec. 4.1) get their own
-    groups marked ``fixed_lr``: the trainer holds their lr at the base value, without warmup or decay."""
+    groups marked ``fixed_lr``: the trainer holds their lr at the base value, without warmup or decay.
+
+    Every group has an ``lr_scale`` the trainer multiplies its lr by:
+
+    * layer-wise lr decay (Clark et al. 2020 ELECTRA; BEiT, MAE fine-tuning, DINOv2): a parameter
+      of a submodule with an ``lr_layer_id(name)`` method and a ``depth`` (the ViT backbone) at
+      layer ``i`` gets ``layer_decay ** (depth + 1 - i)`` (embeddings ``i = 0``, block ``j`` at
+      ``j + 1``, final norm ``depth + 1`` -> 1); every other parameter (heads, predictors) 1;
+    * the no-decay group (only when ``exclude_bias_norm``) is further scaled by
+      ``bias_norm_lr_scale`` (Barlow Twins: biases and BN at 0.0048 / 0.2 of the weights' lr);
+    * a parameter whose name starts with a key of the model's ``lr_multipliers`` dict is further
+      scaled by its value (DINOv2: ``{"backbone.model.patch_embed.": 0.2}``).
+    """
     fixed_prefixes = tuple(f"{m}." for m in getattr(model, "fixed_lr_modules", ()))
-    buckets: dict[tuple[bool, bool], list] = {}
+    lr_multipliers = dict(getattr(model, "lr_multipliers", {}))
+    layered = [(f"{n}." if n else "", mod) for n, mod in model.named_modules()
+               if callable(getattr(mod, "lr_layer_id", None)) and hasattr(mod, "depth")]
+    layered.sort(key=lambda item: -len(item[0]))  # innermost first
+
+    def layer_scale(name: str) -> float:
+        if layer_decay == 1.0:
+            return 1.0
+        for prefix, mod in layered:
+            if name.startswith(prefix):
+                return layer_decay ** (mod.depth + 1 - mod.lr_layer_id(name[len(prefix):]))
+        return 1.0
+
+    buckets: dict[tuple[bool, bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (bool(fixed_prefixes) and name.startswith(fixed_prefixes), exclude_bias_norm and p.ndim <= 1)
+        no_decay = exclude_bias_norm and p.ndim <= 1
+        scale = layer_scale(name) * (bias_norm_lr_scale if no_decay else 1.0)
+        for prefix, mult in lr_multipliers.items():
+            scale *= mult if name.startswith(prefix) else 1.0
+        key = (bool(fixed_prefixes) and name.startswith(fixed_prefixes), no_decay, scale)
         buckets.setdefault(key, []).append(p)
     groups = []
-    for (fixed, no_decay), params in sorted(buckets.items()):
+    for (fixed, no_decay, scale), params in sorted(buckets.items()):
         groups.append({"params": params, "wd_scale": 0.0 if no_decay else 1.0, "lars_exclude": no_decay,
-                       "fixed_lr": fixed})
+                       "fixed_lr": fixed, "lr_scale": scale})
     return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.name`` over ``model``'s trainable parameters; each group has a
     ``wd_scale`` the trainer multiplies the scheduled weight decay by."""
-    groups = param_groups(model, cfg.exclude_bias_norm)
+    groups = param_groups(model, cfg.exclude_bias_norm, cfg.layer_decay, cfg.bias_norm_lr_scale)
     for g in groups:
         g["weight_decay"] = cfg.weight_decay * g["wd_scale"]
+        g["lr"] = lr * g["lr_scale"]  # the trainer's schedule sets it again every step
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
     for g in groups:

@@ -112,7 +112,7 @@ def build_method(cfg: Config) -> Method:
     method_cls = get_method(cfg.method.name)
     torch.manual_seed(cfg.trainer.seed)  # same seed -> same init, also for the random-init baseline
     backbone_cfg = cfg.backbone
-    if backbone_cfg.img_size is None and backbone_cfg.name.startswith("timm:"):
+    if backbone_cfg.img_size is None and backbone_cfg.name.startswith(("timm:", "vit_")):
         backbone_cfg = replace(backbone_cfg, img_size=cfg.augment.views[0].size)  # ViTs: the global crop side
     return method_cls(cfg.method, build_backbone(backbone_cfg), cfg.augment)
 
@@ -225,6 +225,9 @@ class Trainer:
         self.history: dict[str, Any] = {"train_seconds": 0.0, "images": 0}
         if resume is not None:
             self._load_state(resume)
+        # methods that fit something on the data first (BEiT's tokenizer): after a resume's state is
+        # loaded, so what the checkpoint brought is not refit, and before DDP broadcasts the buffers
+        self.method.prepare(self.dataset, self.run_dir)
         self.model = self.method
         if self.world > 1:
             if cfg.trainer.sync_bn:  # BN statistics over the global batch, as SimCLR/BYOL/SimSiam do
