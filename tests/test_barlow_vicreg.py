@@ -270,6 +270,7 @@ def test_recipes_carry_the_papers_numbers():
         0.0051, 8192, 8192, 3)
     assert (bt.trainer.epochs, bt.optim.warmup_epochs, bt.trainer.sync_bn) == (1000, 10, True)
     assert bt.optim.min_lr == pytest.approx(bt.optim.scaled_lr(2048) / 1000)
+    assert bt.optim.bias_norm_lr_scale == pytest.approx(0.0048 / 0.2)  # the paper's bias/BN lr
     v1, v2 = bt.augment.views
     assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p) == (1.0, 0.1, 0.0, 0.2)
     vic = load_config(CONFIGS / "vicreg" / "imagenet.yaml")

@@ -24,9 +24,8 @@ p 1.0 / 0.1, solarize p 0.0 / 0.2, colour jitter 0.4/0.4/0.2/0.1 with p 0.8, gra
 ``lambd: "1/d"`` sets λ = 1/proj_dim (Tsai et al. 2021, "A Note on Connecting Barlow Twins with
 Negative-Sample-Free Contrastive Learning"), a scale-free choice for other projector widths.
 
-Deviation: the separate bias/BN learning rate needs a per-group lr multiplier in the optimizer
-groups, which ``train/optim.param_groups`` does not set yet; until it does, biases and BN share
-the weights' lr (see configs/barlow_twins/imagenet.yaml).
+The separate bias/BN learning rate is ``optim.bias_norm_lr_scale: 0.024`` (0.0048 / 0.2) in the
+ImageNet recipe.
 """
 
 from __future__ import annotations
