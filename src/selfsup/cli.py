@@ -1,4 +1,4 @@
-"""`selfsup pretrain | eval | report | export | methods` — the command line.
+"""`selfsup pretrain | eval | report | export | tokenizer | methods` — the command line.
 
 Every command takes ``key.sub=value`` overrides after its options. Errors a user can fix
 (bad config, missing data, unreadable checkpoint) print one line and exit with status 2;
@@ -210,6 +210,34 @@ def cmd_methods(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# tokenizer
+
+
+def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Fit BEiT's k-means tokenizer on a recipe's training data ahead of pretraining."""
+    from selfsup.config import load_config
+    from selfsup.data import load_dataset
+    from selfsup.train.trainer import build_method, limit_dataset, resolve_device
+
+    if args.data is not None:
+        overrides = [f"data.source={args.data}", *overrides]
+    cfg = load_config(args.config, overrides)
+    method = build_method(cfg)
+    if not hasattr(method, "fit_tokenizer"):
+        raise SelfSupError(f"method {cfg.method.name!r} has no tokenizer to fit (use a beit recipe)")
+    dataset = load_dataset(cfg.data.source, cfg.data.train_split, root=cfg.data.root,
+                           decode_size=cfg.data.decode_size, download=cfg.data.download)
+    dataset = limit_dataset(dataset, cfg.data.limit)
+    method = method.to(resolve_device(args.device or cfg.trainer.device))
+    stats = method.fit_tokenizer(dataset.images)
+    path = method.tokenizer.save(args.out)
+    _print_table([("codes", f"{stats['codes_used']} of {stats['codes']} used"), ("patches", str(stats["patches"])),
+                  ("quantization MSE", f"{stats['quantization_mse']:.4f}"), ("time", f"{stats['seconds']:.1f} s"),
+                  ("saved", str(path)), ("use with", f"method.tokenizer_path={path}")], "tokenizer")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -253,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-points", type=int, default=2000)
     rp.add_argument("--projection", choices=["auto", "umap", "tsne", "pca"], default="auto")
     rp.set_defaults(func=cmd_report)
+
+    tk = sub.add_parser("tokenizer", help="fit BEiT's k-means visual tokenizer ahead of pretraining")
+    tk.add_argument("action", choices=["fit"])
+    tk.add_argument("--config", required=True, help="a beit recipe, e.g. configs/beit/cifar10.yaml")
+    tk.add_argument("--out", required=True, help="codebook file (.safetensors or .pt) for method.tokenizer_path")
+    tk.add_argument("--data", help="training data (default: the recipe's)")
+    tk.add_argument("--device", help="default: the recipe's trainer.device")
+    tk.set_defaults(func=cmd_tokenizer)
 
     me = sub.add_parser("methods", help="list the registered methods with their papers")
     me.set_defaults(func=cmd_methods)
