@@ -133,6 +133,7 @@ class OptimConfig:
     weight_decay_end: float | None = None
     exclude_bias_norm: bool = True  # no weight decay (and no LARS adaptation) on biases and norms
     lars_eta: float = 0.001
+    lars_clip: bool = False  # LARC clip mode: a layer's rate is min(eta ||w||/||g||, lr) (solo-learn's CIFAR LARS)
     grad_clip: float | None = None
     # layer-wise lr decay (BEiT / MAE fine-tuning, DINOv2): a ViT backbone parameter of layer i
     # (0 = embeddings, depth + 1 = final norm) gets lr x layer_decay ** (depth + 1 - i); heads x 1

@@ -17,13 +17,16 @@ class LARS(torch.optim.Optimizer):
     .. math:: \eta_{local} = \eta_{trust} \frac{\lVert w \rVert}{\lVert g \rVert}
 
     (1 when either norm is 0), the update is v <- m v + lr * eta_local * g; w <- w - v.
+    With ``clip=True`` (NVIDIA apex's LARC "clip" mode, used by solo-learn's CIFAR recipes with
+    eta 0.02) the multiplier is min(eta_local / lr, 1), so a layer's rate is min(eta_local, lr):
+    never above the scheduled lr, however small its gradient.
     Parameter groups with ``lars_exclude=True`` (biases and norm layers, as in the papers) get
     neither weight decay nor adaptation.
     """
 
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False)
+                 eta: float = 0.001, clip: bool = False) -> None:
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip, lars_exclude=False)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -40,6 +43,8 @@ class LARS(torch.optim.Optimizer):
                     w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(g)
                     trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
                                         torch.ones_like(w_norm))
+                    if group["clip"] and group["lr"] > 0:
+                        trust = torch.clamp(trust / group["lr"], max=1.0)
                     g = g * trust
                 state = self.state[p]
                 if "momentum_buffer" not in state:
@@ -107,7 +112,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
         g["weight_decay"] = cfg.weight_decay * g["wd_scale"]
         g["lr"] = lr * g["lr_scale"]  # the trainer's schedule sets it again every step
     if cfg.name == "lars":
-        return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta)
+        return LARS(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                    clip=cfg.lars_clip)
     for g in groups:
         g.pop("lars_exclude")
     if cfg.name == "sgd":
