@@ -3,9 +3,12 @@
     python benchmarks/build_md.py
 
 Each section in benchmarks/results/*.md was written by the script named in its `command:` line,
-with the machine and date beside the numbers; this only stitches them together.
+with the machine and date beside the numbers; this only stitches them together (and copies each
+method's kNN-table gain into the status column of README's methods table).
 """
 
+import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,15 +21,11 @@ the date and the command that produced it, so anyone can rerun it. Rebuild this 
 `python benchmarks/build_md.py` after rerunning a benchmark. CPU timings come from a shared
 2-core machine and are only comparable inside one section (ratios measured side by side).
 
-Status on 2026-11-23: demo seeds 0 and 1 ran while other jobs shared the two cores (seed 2 ran
-alone: 117 s of training, 132 s in all), so their seconds are inflated; the kNN values do not
-depend on load (the runs are deterministic: seeds 0 and 1 gave the same kNN in two runs). The
-kNN table was stopped before it reached every method (time ran out): at this 4-epoch CPU budget
-SimCLR (from its paper CIFAR recipe) and rotation beat random init by about 5 points, while
-MoCo v2, SimSiam, DINO and SwAV, whose recipes are tuned for hundreds of epochs, stay below it; an
-earlier run of the same script put BYOL at 25.8 vs 30.8. The table does not yet meet issue 3's
-"every method beats random init": that needs a longer budget (or a GPU) and per-method short
-recipes. Rerun `python benchmarks/knn_table.py` to fill it.
+The kNN table's rows were run on 2026-11-29 on a 2-core AMD EPYC with AVX-512 bf16 (so
+`precision: auto` trained in bf16 autocast; the demo section's 2026-11-23 machine had AVX2 only
+and trained in fp32). Two to four runs shared the two cores at a time (each on one thread), so its
+images/s compare methods only roughly; the kNN values do not depend on load. The demo section's
+seeds 0 and 1 also ran beside other jobs (seed 2 ran alone: 117 s of training, 132 s in all).
 """
 
 
@@ -41,6 +40,29 @@ def main() -> None:
         parts.append(text)
     (ROOT / "BENCHMARKS.md").write_text("\n\n".join(parts) + "\n")
     print(f"wrote BENCHMARKS.md from {len(files)} result files")
+    readme_status(results / "knn_rows")
+
+
+def readme_status(rows_dir: Path) -> None:
+    """Fill README's methods-table status cells (<!-- knn:NAME -->...<!-- /knn -->) from the kNN rows."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+
+    def status(m: re.Match) -> str:
+        path = rows_dir / f"{m.group(1)}.json"
+        if not path.exists():
+            return m.group(0)
+        r = json.loads(path.read_text())
+        if "error" in r:
+            cell = "kNN table run failed (BENCHMARKS.md)"
+        else:
+            gain = r["trained"] - r["random"]
+            verdict = "beats random init" if gain > 0 else "below random init"
+            cell = f"{verdict}: kNN {r['trained']:.1f} vs {r['random']:.1f} ({gain:+.1f}) after the CPU budget"
+        return f"<!-- knn:{m.group(1)} -->{cell}<!-- /knn -->"
+
+    readme.write_text(re.sub(r"<!-- knn:(\w+) -->.*?<!-- /knn -->", status, text))
+    print("updated README's method status from", rows_dir)
 
 
 if __name__ == "__main__":
