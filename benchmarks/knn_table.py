@@ -51,6 +51,9 @@ _LARS = ["optim.lars_eta=0.02", "optim.lars_clip=true"]
 _ETA = ("LARS as solo-learn's CIFAR recipes: trust coefficient 0.02 with clipping (each layer's rate is "
         "min(0.02 |w|/|g|, lr)) instead of the paper's 0.001, which barely moves the weights in a short run")
 
+# Not settled: at 10 epochs these changes left Barlow Twins, VICReg and DINO further below random init than
+# DINO's paper recipe (28.5 vs 31.8); compare with --paper-recipes before trusting them.
+
 # method -> (overrides, why): departures from the recipe that a short budget needs
 SHORT_BUDGET: dict[str, tuple[list[str], str]] = {
     "simsiam": (["optim.lr=0.5"],
