@@ -48,3 +48,24 @@ def resume_matches_straight(cfg, tmp_path, until_step: int):
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
     return mid, a
+
+
+def train_recipe_two_steps(name: str, tmp_path, overrides: list[str]) -> dict:
+    """``selfsup pretrain`` from ``configs/<name>/cifar10.yaml`` for 2 steps on the embedded data
+    (ResNet without the CIFAR stem, no final kNN); asserts it finished as ``name`` after 2 steps
+    with a finite loss and returns its summary.json."""
+    import json
+    import math
+    from pathlib import Path
+
+    from selfsup.cli import main
+
+    recipe = Path(__file__).parents[1] / "configs" / name / "cifar10.yaml"
+    rc = main(["pretrain", "--config", str(recipe), *overrides, "data.source=embedded", "backbone.cifar_stem=false",
+               f"trainer.out_dir={tmp_path}", "trainer.run_name=r", "trainer.max_steps=2", "trainer.log_every=1",
+               "eval.final_knn=false"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["finished"] and summary["position"]["step"] == 2 and summary["method"] == name
+    assert math.isfinite(summary["final_loss"])
+    return summary

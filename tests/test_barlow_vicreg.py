@@ -1,7 +1,6 @@
 """Barlow Twins and VICReg: losses against explicit loops and hand values, the properties the papers
 state, the global-batch statistics across two processes, recipes, CLI training and exact resume."""
 
-import json
 import math
 import os
 import socket
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, resume_matches_straight
+from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.cli import main
 from selfsup.config import load_config
@@ -291,13 +290,7 @@ def test_recipes_carry_the_papers_numbers():
 def test_cli_trains_a_few_steps_from_the_recipe(tmp_path, name):
     tiny = BT_TINY if name == "barlow_twins" else VIC_TINY
     overrides = [o for o in tiny if o.startswith("method.proj") or not o.startswith("method.")]
-    rc = main(["pretrain", "--config", str(CONFIGS / name / "cifar10.yaml"), *overrides, "data.source=embedded",
-               "backbone.cifar_stem=false", f"trainer.out_dir={tmp_path}", "trainer.run_name=r",
-               "trainer.max_steps=2", "trainer.log_every=1", "eval.final_knn=false"])
-    assert rc == 0
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["finished"] and summary["position"]["step"] == 2 and summary["method"] == name
-    assert math.isfinite(summary["final_loss"])
+    train_recipe_two_steps(name, tmp_path, overrides)
     metric = "bt/off_diag" if name == "barlow_twins" else "vicreg/variance"
     assert metric in (tmp_path / "r" / "metrics.csv").read_text()
 

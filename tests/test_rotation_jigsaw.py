@@ -2,14 +2,13 @@
 exact tiling, label consistency, recipes, CLI training and exact resume."""
 
 import itertools
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, resume_matches_straight
+from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.cli import main
 from selfsup.config import load_config
@@ -271,13 +270,7 @@ def test_recipes_carry_the_papers_numbers():
 def test_cli_trains_a_few_steps_from_the_recipe(tmp_path, name):
     tiny = [o for o in (ROT_TINY if name == "rotation" else JIG_TINY) if o != f"method.name={name}"]
     extra = ["method.tile_size=null"] if name == "jigsaw" else []  # the recipe's 9 px > 5-px cells
-    rc = main(["pretrain", "--config", str(CONFIGS / name / "cifar10.yaml"), *tiny, *extra, "data.source=embedded",
-               "backbone.cifar_stem=false", f"trainer.out_dir={tmp_path}", "trainer.run_name=r",
-               "trainer.max_steps=2", "trainer.log_every=1", "eval.final_knn=false"])
-    assert rc == 0
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["finished"] and summary["position"]["step"] == 2 and summary["method"] == name
-    assert math.isfinite(summary["final_loss"])
+    train_recipe_two_steps(name, tmp_path, [*tiny, *extra])
     assert ("rot_acc" if name == "rotation" else "jigsaw_acc") in (tmp_path / "r" / "metrics.csv").read_text()
 
 
