@@ -11,8 +11,10 @@ import json
 import re
 from pathlib import Path
 
+from _common import verdict
+
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["demo_knn", "knn_table", "augment_speed", "eval_speed"]
+ORDER = ["demo_knn", "knn_table", "knn_tuning", "augment_speed", "eval_speed"]
 
 INTRO = """# Benchmarks
 
@@ -57,8 +59,9 @@ def readme_status(rows_dir: Path) -> None:
             cell = "kNN table run failed (BENCHMARKS.md)"
         else:
             gain = r["trained"] - r["random"]
-            verdict = "beats random init" if gain > 0 else "below random init"
-            cell = f"{verdict}: kNN {r['trained']:.1f} vs {r['random']:.1f} ({gain:+.1f}) after the CPU budget"
+            said = {"above": "beats random init", "below": "below random init"}.get(
+                verdict(r), "within noise of random init")
+            cell = f"{said}: kNN {r['trained']:.1f} vs {r['random']:.1f} ({gain:+.1f}) after the CPU budget"
         return f"<!-- knn:{m.group(1)} -->{cell}<!-- /knn -->"
 
     readme.write_text(re.sub(r"<!-- knn:(\w+) -->.*?<!-- /knn -->", status, text))

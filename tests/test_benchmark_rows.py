@@ -1,0 +1,33 @@
+"""The kNN table's verdict: a gain counts only beyond two binomial standard errors of the test split."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import verdict  # noqa: E402
+
+
+def row(trained: float, random: float, data: str = "embedded") -> dict:
+    return {"trained": trained, "random": random, "data": data}
+
+
+def test_verdict_uses_two_standard_errors_of_the_test_split():
+    # 40% on 1,000 images: s.e. = sqrt(0.4 * 0.6 / 1000) = 1.549 points, margin 3.098
+    assert verdict(row(40.0, 36.8)) == "above"  # +3.2
+    assert verdict(row(40.0, 37.0)) == "within noise"  # +3.0
+    assert verdict(row(40.0, 43.2)) == "below"  # -3.2
+    # 10,000 images: margin 0.98 points
+    assert verdict(row(40.0, 38.9, "cifar10")) == "above"
+    assert verdict(row(40.0, 39.1, "cifar10")) == "within noise"
+
+
+def test_verdict_unknown_test_size():
+    assert verdict(row(40.0, 10.0, "/some/folder")) == "?"
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_margin_is_symmetric(p):
+    t = 100 * p
+    assert verdict(row(t, t)) == "within noise"
