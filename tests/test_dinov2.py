@@ -192,6 +192,7 @@ def test_forward_uses_mask_tokens_teacher_and_all_losses():
     out = method({"images": _images()})
     m = out.metrics
     assert {"dinov2/dino", "dinov2/ibot", "dinov2/koleo", "dinov2/teacher_temp"} <= set(m)
+    assert 0.0 < float(m["monitor/uniformity"]) < 1.0
     expect = m["dinov2/dino"] + 0.1 * 2 * m["dinov2/koleo"] + m["dinov2/ibot"]  # koleo summed over 2 crops
     assert out.loss.item() == pytest.approx(float(expect), rel=1e-5)
     assert out.embeddings.shape == (8, 32) and not shapes

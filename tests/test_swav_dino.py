@@ -224,8 +224,9 @@ def test_swav_prototypes_are_unit_vectors_in_forward():
     method = build_method(load_config(None, [*SWAV_TINY, "trainer.channels_last=false"]))
     with torch.no_grad():
         method.prototypes.weight.mul_(3.0)
-    method({"images": _images()})
+    out = method({"images": _images()})
     assert torch.allclose(method.prototypes.weight.norm(dim=1), torch.ones(32), atol=1e-6)
+    assert 0.0 < float(out.metrics["monitor/uniformity"]) < 1.0
 
 
 def test_dino_last_layer_frozen_during_first_epoch_only():
@@ -275,6 +276,7 @@ def test_dino_teacher_ema_temperature_and_metrics():
     assert teacher and not any(p.requires_grad for p in teacher)
     out = method({"images": _images()})
     assert out.metrics["monitor/student_teacher_cos"] == pytest.approx(1.0, abs=1e-5)  # identical at init
+    assert 0.0 < float(out.metrics["monitor/uniformity"]) < 1.0
     assert out.embeddings.shape == (8, method.backbone.out_dim)  # backbone features, not head outputs
     assert method.center.abs().sum() > 0  # updated after the loss
     out.loss.backward()

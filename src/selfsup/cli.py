@@ -113,6 +113,9 @@ def _print_pretrain_summary(summary: dict) -> None:
         rows.append(("non-finite steps skipped", str(summary["bad_steps_skipped"])))
     if summary["monitor"].get("alarm_steps"):
         rows.append(("collapse alarms (steps)", str(summary["monitor"]["alarm_steps"])))
+    if summary["monitor"].get("uniform_alarm_steps"):
+        rows.append(("uniform-prediction alarms (steps)",
+                     f"{summary['monitor']['uniform_alarm_steps']} (the loss sits at ln K: collapsed head)"))
     rows.append(("run directory", summary["run_dir"]))
     _print_table(rows, "pretraining summary")
 

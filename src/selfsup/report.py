@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from selfsup.errors import CheckpointError, SelfSupError
-from selfsup.train.monitor import STD_ALARM
+from selfsup.train.monitor import STD_ALARM, UNIFORM_ALARM
 
 log = logging.getLogger("selfsup")
 
@@ -324,6 +324,11 @@ def fig_monitor(metrics, summary, model):
             ax.set_ylim(bottom=0)
         elif "student_teacher_cos" in col:
             _line_panel(ax, metrics, col, title="student-teacher cosine", ylabel="cosine")
+        elif col == "monitor/uniformity":
+            _line_panel(ax, metrics, col, title="prediction entropy / ln K", ylabel="uniformity")
+            ax.axhline(UNIFORM_ALARM, color="tab:red", linestyle="--", linewidth=1.2,
+                       label=f"uniform-collapse alarm ({UNIFORM_ALARM:g})")
+            ax.legend(loc="best", fontsize=8)
         else:
             _line_panel(ax, metrics, col, title=col.split("/", 1)[-1].replace("_", " "))
     return fig
@@ -662,7 +667,8 @@ _FIGURES: list[tuple[str, str, str, Callable]] = [
     ("monitor", "Collapse monitor", "Embedding std of one view after L2 normalization, times sqrt(d): 1 is an "
      f"isotropic spread, below {STD_ALARM:g} (red line) the embeddings are collapsing. Effective rank is RankMe "
      "on the same batch (bounded by min(batch, d)). Student-teacher cosine, when present, near 1 for a long time "
-     "can also signal collapse.", fig_monitor),
+     "can also signal collapse. Prediction uniformity (DINO, DINOv2, SwAV): the student's prediction entropy over "
+     f"ln K; above {UNIFORM_ALARM:g} every prediction is uniform and the loss sits at ln K.", fig_monitor),
     ("metrics", "Throughput and method metrics", "Training images per second and the method's own metrics.",
      fig_metrics),
     ("knn", "kNN accuracy", "Weighted kNN top-1 on the labeled test split with the training split as the bank. "
@@ -782,6 +788,9 @@ def _header_rows(summary: dict, cfg_tree: dict, metrics: dict[str, np.ndarray]) 
                                          f"min std {_fmt(mon.get('min_std'), '.3f')}, "
                                          f"rank {_fmt(mon.get('last_rank'), '.1f')}, "
                                          f"alarm steps {mon.get('alarm_steps', 0)}"))
+        if mon.get("last_uniformity") is not None:
+            rows.append(("prediction uniformity", f"last {_fmt(mon.get('last_uniformity'), '.4f')} of ln K, "
+                                                  f"alarm steps {mon.get('uniform_alarm_steps', 0)}"))
     if summary.get("bad_steps_skipped"):
         rows.append(("non-finite steps skipped", str(summary["bad_steps_skipped"])))
     versions = summary.get("versions") or {}

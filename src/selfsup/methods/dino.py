@@ -39,7 +39,11 @@ in ``forward``, as the official loss module does (per micro-batch under gradient
 Freezing the last layer zeroes its gradients in a hook and restores its values after the step
 (see ``swav.ParamFreezer``); the official code drops the gradients after clipping, so there its
 gradient still counts in the clipping norm. ``metrics["monitor/student_teacher_cos"]`` is the
-mean cosine between student and teacher outputs for the same global crop.
+mean cosine between student and teacher outputs for the same global crop;
+``metrics["monitor/uniformity"]`` is the student's prediction entropy over ln K, which the collapse
+monitor flags near 1: the head's outputs gone uniform, the loss stuck at ln K. A CIFAR ResNet-18
+without ``use_bn_in_head`` fell into that within 100 steps at the short CPU budget (see
+benchmarks/knn_table.py).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from selfsup.methods.swav import ParamFreezer, TrainingClock, multicrop_sizes
 from selfsup.pretext.multicrop import allow_any_input_size, forward_by_resolution
 from selfsup.registry import register_method
 from selfsup.train.ema import ema_update, make_teacher
+from selfsup.train.monitor import prediction_uniformity
 from selfsup.train.schedules import momentum_schedule
 
 
@@ -177,8 +182,9 @@ class DINO(Method):
             self.center.copy_(dino_center_update(self.center, teacher, self.cfg.center_momentum))
             cos = torch.stack([F.cosine_similarity(student[t].float(), teacher[t].float(), dim=-1).mean()
                                for t in range(self.n_global)]).mean()
-        return StepOutput(loss=loss, metrics={"monitor/student_teacher_cos": cos, "dino/teacher_temp": temp},
-                          embeddings=feats[0].detach())
+        uniformity = prediction_uniformity(student[0], self.cfg.student_temp)
+        return StepOutput(loss=loss, metrics={"monitor/student_teacher_cos": cos, "monitor/uniformity": uniformity,
+                                              "dino/teacher_temp": temp}, embeddings=feats[0].detach())
 
     def momentum(self, progress: Progress) -> float:
         """λ for the update after optimizer step ``progress.step`` (official iteration index

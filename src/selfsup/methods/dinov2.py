@@ -74,6 +74,7 @@ from selfsup.pretext.masking import block_masking
 from selfsup.pretext.multicrop import forward_by_resolution
 from selfsup.registry import register_method
 from selfsup.train.ema import ema_update, make_teacher
+from selfsup.train.monitor import prediction_uniformity
 from selfsup.train.schedules import momentum_schedule
 
 
@@ -322,6 +323,7 @@ class DINOv2(Method):
                     self.ibot_center.copy_(dino_center_update(self.ibot_center, patch_mean, cfg.center_momentum))
             cos = F.cosine_similarity(s_out[: n * self.n_global].float(), t_cls_out.float(), dim=-1).mean()
         metrics["monitor/student_teacher_cos"] = cos
+        metrics["monitor/uniformity"] = prediction_uniformity(s_crops[0], cfg.student_temp)
         return StepOutput(loss=loss, metrics=metrics, embeddings=s_cls[:n].detach())
 
     @torch.no_grad()

@@ -51,6 +51,7 @@ from selfsup.losses import sinkhorn_knopp, swav_loss
 from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
 from selfsup.pretext.multicrop import allow_any_input_size, forward_by_resolution
 from selfsup.registry import register_method
+from selfsup.train.monitor import prediction_uniformity
 
 
 class TrainingClock(nn.Module):
@@ -183,7 +184,8 @@ class SwAV(Method):
         z_crops, score_crops = z.split(n), scores.split(n)
         codes = [self.codes(i, score_crops[i], z_crops[i]) for i in range(self.n_global)]
         loss = swav_loss(score_crops, codes, self.cfg.temperature)
-        return StepOutput(loss=loss, embeddings=z_crops[0].detach())
+        uniformity = prediction_uniformity(score_crops[0], self.cfg.temperature)
+        return StepOutput(loss=loss, metrics={"monitor/uniformity": uniformity}, embeddings=z_crops[0].detach())
 
     @torch.no_grad()
     def codes(self, i: int, scores: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

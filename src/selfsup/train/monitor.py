@@ -4,6 +4,11 @@
   so 1.0 is an isotropic spread and 0.0 is complete collapse (SimSiam, Chen & He 2021, fig. 2).
 - ``rank``: RankMe (Garrido et al. 2023) on the same batch, every ``every`` steps: the effective
   number of dimensions in use, bounded by min(batch, d).
+- ``uniformity`` (methods that predict a distribution over K prototypes: DINO, DINOv2, SwAV report
+  ``monitor/uniformity``): mean entropy of the student's predictions over ln K. Near 1.0 every
+  prediction is uniform, whatever the input: the collapse those losses can fall into while the
+  backbone's embeddings still look healthy (the loss then sits at ln K; a ResNet DINO without BN in
+  its head did so within 100 steps).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 STD_ALARM = 0.1  # normalized std below this fraction of isotropic means near-collapse
+UNIFORM_ALARM = 0.995  # prediction entropy above this fraction of ln K: (almost) uniform predictions
 
 
 def embedding_std(z: torch.Tensor) -> float:
@@ -27,6 +33,16 @@ def effective_rank(z: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def prediction_uniformity(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean entropy of ``softmax(logits / temperature)`` over the rows of ``logits`` (n, K), divided
+    by ln K: 1.0 when every prediction is uniform, 0.0 when every one is a single prototype.
+    A detached float32 scalar (K >= 2)."""
+    with torch.no_grad():
+        logp = F.log_softmax(logits.detach().float() / temperature, dim=-1)
+        entropy = -(logp.exp() * logp).sum(dim=-1).mean()
+        return entropy / math.log(logits.shape[-1])
+
+
 class CollapseMonitor:
     def __init__(self, every: int = 50) -> None:
         self.every = every
@@ -34,8 +50,17 @@ class CollapseMonitor:
         self.last_rank: float | None = None
         self.min_std = math.inf
         self.alarms = 0
+        self.last_uniformity: float | None = None
+        self.uniform_alarms = 0
 
-    def update(self, z: torch.Tensor | None, step: int) -> dict[str, float]:
+    def update(self, z: torch.Tensor | None, step: int, metrics: dict[str, float] | None = None) -> dict[str, float]:
+        """Update from one step's embeddings ``z`` and the method's metrics (read for
+        ``monitor/uniformity``); returns the monitor's own metrics for the log."""
+        uniformity = (metrics or {}).get("monitor/uniformity")
+        if uniformity is not None:
+            self.last_uniformity = float(uniformity)
+            if self.last_uniformity > UNIFORM_ALARM:
+                self.uniform_alarms += 1
         if z is None or z.ndim != 2 or z.shape[0] < 2:
             return {}
         out = {"monitor/std": embedding_std(z)}
@@ -50,8 +75,18 @@ class CollapseMonitor:
 
     @property
     def alarming(self) -> bool:
-        return self.last_std is not None and self.last_std < STD_ALARM
+        return self.alarm_reason is not None
+
+    @property
+    def alarm_reason(self) -> str | None:
+        """What looks collapsed at the last step, for the progress line; None when nothing does."""
+        if self.last_std is not None and self.last_std < STD_ALARM:
+            return f"std {self.last_std:.3f}"
+        if self.last_uniformity is not None and self.last_uniformity > UNIFORM_ALARM:
+            return f"uniform predictions {self.last_uniformity:.4f}"
+        return None
 
     def summary(self) -> dict[str, float | int | None]:
         return {"last_std": self.last_std, "min_std": None if math.isinf(self.min_std) else self.min_std,
-                "last_rank": self.last_rank, "alarm_steps": self.alarms}
+                "last_rank": self.last_rank, "alarm_steps": self.alarms,
+                "last_uniformity": self.last_uniformity, "uniform_alarm_steps": self.uniform_alarms}

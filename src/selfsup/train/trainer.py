@@ -321,7 +321,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        metrics.update(self.monitor.update(embeddings, self.step))
+        metrics.update(self.monitor.update(embeddings, self.step, metrics))
         return total, metrics
 
     # ---- the run -----------------------------------------------------------------------
@@ -418,7 +418,7 @@ class Trainer:
             log_rows.write(row)
         post = {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{img_s:.0f}"}
         if self.monitor.alarming:
-            post["COLLAPSE?"] = f"std {self.monitor.last_std:.3f}"
+            post["COLLAPSE?"] = self.monitor.alarm_reason
         bar.set_postfix(post, refresh=False)
         bar.set_description(f"epoch {self.epoch + 1}/{self.cfg.trainer.epochs}", refresh=False)
         bar.update(1)
