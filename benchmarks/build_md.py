@@ -23,11 +23,11 @@ the date and the command that produced it, so anyone can rerun it. Rebuild this 
 `python benchmarks/build_md.py` after rerunning a benchmark. CPU timings come from a shared
 2-core machine and are only comparable inside one section (ratios measured side by side).
 
-The kNN table's rows were run on 2026-11-29 on a 2-core AMD EPYC with AVX-512 bf16 (so
-`precision: auto` trained in bf16 autocast; the demo section's 2026-11-23 machine had AVX2 only
-and trained in fp32). Two to four runs shared the two cores at a time (each on one thread), so its
-images/s compare methods only roughly; the kNN values do not depend on load. The demo section's
-seeds 0 and 1 also ran beside other jobs (seed 2 ran alone: 117 s of training, 132 s in all).
+The demo section and the kNN table's rows were run on 2026-11-29 on a 2-core AMD EPYC with
+AVX-512 bf16, so `precision: auto` trained in bf16 autocast (the demo's three seeds ran alone, 34-37 s
+of training each; on the AVX2-only machine of 2026-11-23, in fp32, seed 2 took 117 s alone). Two to
+four kNN-table runs shared the two cores at a time (each on one thread), so its images/s compare
+methods only roughly; the kNN values do not depend on load.
 """
 
 
