@@ -34,15 +34,16 @@ def header(title: str) -> str:
             f"- machine: {machine()}\n- command: `{cmd}`\n")
 
 
-# labeled test images behind each data source's kNN score (the embedded subset's test split is 1,000 images)
+# labeled test images behind each data source's kNN score, for rows that do not record it (the embedded
+# subset's test split is 1,000 images)
 TEST_IMAGES = {"embedded": 1000, "cifar10": 10000}
 
 
 def verdict(row: dict) -> str:
     """"above" / "below" random init when the gain exceeds two binomial standard errors of the trained
     top-1 on the test split (sqrt(p(1-p)/n): 1.5 points at 30% on 1,000 images), else "within noise"."""
-    n = TEST_IMAGES.get(row["data"])
-    if n is None:
+    n = row.get("test_images") or TEST_IMAGES.get(row["data"])
+    if not n:
         return "?"
     p = row["trained"] / 100
     margin = 200 * (p * (1 - p) / n) ** 0.5

@@ -25,6 +25,8 @@ def test_verdict_uses_two_standard_errors_of_the_test_split():
 
 def test_verdict_unknown_test_size():
     assert verdict(row(40.0, 10.0, "/some/folder")) == "?"
+    # a row that records its test split's size (an ImageFolder of 10,000 test images)
+    assert verdict({**row(40.0, 38.9, "/some/folder"), "test_images": 10000}) == "above"
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])

@@ -109,6 +109,7 @@ def test_cli_pretrain_eval_export_end_to_end(tmp_path, tiny_overrides, capsys):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["finished"] and math.isfinite(summary["final_loss"])
     assert {"trained", "random_init"} <= summary["knn"].keys()
+    assert (summary["knn"]["bank_samples"], summary["knn"]["test_samples"]) == (5000, 1000)  # the embedded splits
     assert (run / "config.yaml").is_file() and (run / "metrics.csv").is_file()
 
     assert main(["eval", "knn", "--checkpoint", str(run / "last.ckpt")]) == 0

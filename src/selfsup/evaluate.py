@@ -103,9 +103,11 @@ def run_linear(feats: tuple, **kwargs) -> dict:
 
 def final_knn(method: Method, cfg: Config, device: torch.device, precision: str) -> dict:
     """kNN of the trained encoder and, for contrast, of the same architecture at random init
-    (same seed, same data): the gap is what pretraining bought."""
+    (same seed, same data): the gap is what pretraining bought. ``bank_samples`` and
+    ``test_samples`` say how many labeled images the scores rest on."""
     feats = labeled_features(method, cfg, device=device, precision=precision)
-    result = {"trained": run_knn(feats, cfg)}
+    result = {"trained": run_knn(feats, cfg), "bank_samples": int(feats[0].shape[0]),
+              "test_samples": int(feats[2].shape[0])}
     if cfg.eval.compare_random_init:
         rand = build_method(cfg).to(device)
         if getattr(method, "channels_last", False):
