@@ -14,7 +14,7 @@ from pathlib import Path
 from _common import verdict
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["demo_knn", "knn_table", "knn_tuning", "augment_speed", "eval_speed"]
+ORDER = ["demo_knn", "knn_table", "knn_table_c10k", "knn_tuning", "augment_speed", "eval_speed"]
 
 INTRO = """# Benchmarks
 

@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "knn_table.md")
     ap.add_argument("--rows", type=Path, default=None, help="per-method results (default: knn_rows/ beside --out)")
     ap.add_argument("--rebuild", action="store_true", help="only rewrite the table from the saved rows")
+    ap.add_argument("--title", default="kNN after a short budget: every image method vs its random-init encoder",
+                    help="the table's section title")
     args, extra = ap.parse_known_args()
     rows_dir = args.rows or args.out.parent / "knn_rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
@@ -164,13 +166,15 @@ def _epochs(row: dict) -> int:
 
 def write_table(args, rows_dir: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
-    lines = ["## kNN after a short budget: every image method vs its random-init encoder\n",
+    where = rows_dir.resolve().relative_to(ROOT) if rows_dir.resolve().is_relative_to(ROOT) else rows_dir
+    lines = [f"## {args.title}\n",
              "Each row is one `selfsup pretrain` run from the method's CIFAR recipe plus the budget: "
              f"ResNets `{' '.join(RESNET_BUDGET)}` (ResNet-18 at a quarter width with the CIFAR stem), ViTs "
              f"`{' '.join(VIT_BUDGET)}` (vit_tiny, 4-px patches, 4 blocks), `trainer.ckpt_every=0 optim.warmup_epochs=1`, "
              "and the short-budget changes listed; kNN top-1 with k=20 on the labeled test split, the training "
-             "split as the bank. `python benchmarks/knn_table.py --methods NAME` reruns one row; each row's "
-             "exact command, date and machine are in `benchmarks/results/knn_rows/NAME.json`. images/s counts "
+             "split as the bank. `python benchmarks/knn_table.py --methods NAME` (with the row's own --data, --rows "
+             f"and overrides) reruns one row; each row's exact command, date and machine are in `{where}/NAME.json`. "
+             "images/s counts "
              "source images (each trained on all of its views). The last column compares the gain with two "
              "binomial standard errors of the trained top-1 (sqrt(p(1-p)/n), n test images): the embedded test "
              "split has 1,000 images, so at 30% one run's top-1 is only known to about ±1.5 points and gains under "
