@@ -1,13 +1,12 @@
 """BYOL and SimSiam: losses against hand computation, stop-gradient, the EMA target, recipes,
 CLI training and exact resume."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, resume_matches_straight
+from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.cli import main
 from selfsup.config import load_config
@@ -192,13 +191,7 @@ def test_cli_trains_a_few_steps_from_the_recipe(tmp_path, name):
     # the CIFAR recipe, shrunk: embedded data, 16-px crops, tiny heads, the ImageNet stem (fast)
     tiny = BYOL_TINY if name == "byol" else SIMSIAM_TINY
     overrides = [o for o in tiny if o.startswith(("method.proj", "method.pred")) or not o.startswith("method.")]
-    rc = main(["pretrain", "--config", str(CONFIGS / name / "cifar10.yaml"), *overrides, "data.source=embedded",
-               "backbone.cifar_stem=false", f"trainer.out_dir={tmp_path}", "trainer.run_name=r",
-               "trainer.max_steps=2", "eval.final_knn=false"])
-    assert rc == 0
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["finished"] and summary["position"]["step"] == 2 and summary["method"] == name
-    assert math.isfinite(summary["final_loss"])
+    train_recipe_two_steps(name, tmp_path, overrides)
     if name == "byol":
         assert "monitor/student_teacher_cos" in (tmp_path / "r" / "metrics.csv").read_text()
 

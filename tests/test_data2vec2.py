@@ -2,16 +2,14 @@
 (targets repeated, masks differing), the conv decoder, the EMA schedule, recipes, CLI training
 and exact resume."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, resume_matches_straight
+from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 import selfsup.methods.data2vec2 as d2v_module
-from selfsup.cli import main
 from selfsup.config import load_config
 from selfsup.errors import ConfigError
 from selfsup.losses import data2vec_loss, data2vec_targets
@@ -232,13 +230,7 @@ def test_recipes_follow_the_official_configs():
 
 def test_cli_trains_a_few_steps_from_the_recipe(tmp_path):
     overrides = [o for o in D2V_TINY if not o.startswith(("method.name", "optim.", "augment."))]
-    rc = main(["pretrain", "--config", str(CONFIGS / "data2vec2" / "cifar10.yaml"), *overrides,
-               "augment.views.0.size=16", "data.source=embedded", f"trainer.out_dir={tmp_path}",
-               "trainer.run_name=r", "trainer.max_steps=2", "eval.final_knn=false"])
-    assert rc == 0
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["finished"] and summary["position"]["step"] == 2 and summary["method"] == "data2vec2"
-    assert math.isfinite(summary["final_loss"])
+    train_recipe_two_steps("data2vec2", tmp_path, [*overrides, "augment.views.0.size=16"])
     assert "data2vec2/target_var" in (tmp_path / "r" / "metrics.csv").read_text()
 
 

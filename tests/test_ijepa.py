@@ -2,15 +2,12 @@
 and per-block independence, the linear EMA schedule, recipes and masks on the CIFAR grid, CLI
 training and exact resume."""
 
-import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, resume_matches_straight
+from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
-from selfsup.cli import main
 from selfsup.config import load_config
 from selfsup.errors import ConfigError
 from selfsup.losses import ijepa_loss
@@ -219,12 +216,7 @@ def test_config_rejects_bad_values():
 
 def test_cli_trains_a_few_steps_from_the_recipe(tmp_path):
     overrides = [o for o in IJEPA_TINY if not o.startswith(("method.name", "optim."))]
-    rc = main(["pretrain", "--config", str(CONFIGS / "ijepa" / "cifar10.yaml"), *overrides, "data.source=embedded",
-               f"trainer.out_dir={tmp_path}", "trainer.run_name=r", "trainer.max_steps=2", "eval.final_knn=false"])
-    assert rc == 0
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["finished"] and summary["position"]["step"] == 2 and summary["method"] == "ijepa"
-    assert math.isfinite(summary["final_loss"])
+    train_recipe_two_steps("ijepa", tmp_path, overrides)
     assert "ijepa/target_patches" in (tmp_path / "r" / "metrics.csv").read_text()
     # the exported encoder loads strictly into timm's ViT and gives the method's mean-pooled feature
     import timm

@@ -1,14 +1,13 @@
 """SwAV and DINO: Sinkhorn, the losses against explicit loops, the DINO center, the multi-crop
 forward, frozen prototypes / last layer, the DINO head, recipes, CLI training and exact resume."""
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, resume_matches_straight
+from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.cli import main
 from selfsup.config import load_config
@@ -360,13 +359,7 @@ def test_recipes_carry_the_papers_numbers():
 def test_cli_trains_a_few_steps_from_the_recipe(tmp_path, name):
     tiny = SWAV_TINY if name == "swav" else DINO_TINY
     overrides = [o for o in tiny if not o.startswith("augment.local.crop_scale")]
-    rc = main(["pretrain", "--config", str(CONFIGS / name / "cifar10.yaml"), *overrides, "data.source=embedded",
-               "backbone.cifar_stem=false", f"trainer.out_dir={tmp_path}", "trainer.run_name=r",
-               "trainer.max_steps=2", "eval.final_knn=false"])
-    assert rc == 0
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert summary["finished"] and summary["position"]["step"] == 2 and summary["method"] == name
-    assert math.isfinite(summary["final_loss"])
+    train_recipe_two_steps(name, tmp_path, overrides)
     if name == "dino":
         assert "monitor/student_teacher_cos" in (tmp_path / "r" / "metrics.csv").read_text()
 
