@@ -235,6 +235,30 @@ def test_jigsaw_step_encodes_9b_tiles_and_full_images_downstream():
     assert seen[-1] == (18, 3, 12, 12) and resized.classifier[0].in_features == 9 * 128
 
 
+def test_image_input_feeds_the_reassembled_puzzle_to_one_backbone_pass():
+    method = _identity_jigsaw(["method.input=image", "method.tile_norm=false"])
+    seen = []
+    method.backbone.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().clone()))
+    images = _images(8, side=15)
+    torch.manual_seed(0)
+    out = method({"images": images})
+    (x,) = seen
+    assert x.shape == (8, 3, 15, 15)  # one 3x3 grid of 5-px tiles per image, not 72 tiles
+    # the same draws again give the puzzle: cell i of the backbone's input holds tile perms[i], raw
+    torch.manual_seed(0)
+    puzzles, labels = method.make_puzzles(images)
+    assert torch.equal(x, assemble_tiles(puzzles, 3))
+    view = (images.float() / 255 - method.views[0].mean) / method.views[0].std
+    cells = extract_tiles(view, *tile_positions(8, 15, grid=3, tile=5), 5)
+    assert torch.allclose(unshuffle_tiles(puzzles, method.permutations[labels]), cells, atol=1e-5)
+    assert not torch.allclose(puzzles, normalize_tiles(puzzles), atol=1e-2)  # tile_norm false: unnormalized
+    assert method.classifier[0].in_features == 128 and method.classifier[-1].out_features == 100
+    assert math.isfinite(out.loss.item()) and out.embeddings.shape == (8, 128)
+    # the pretext gradient reaches the backbone
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.backbone.parameters())
+
+
 def test_jigsaw_config_errors():
     with pytest.raises(ConfigError, match="n_permutations"):
         load_config(None, [*JIG_TINY, "method.n_permutations=20000"])  # more than the 10k pool
@@ -242,6 +266,10 @@ def test_jigsaw_config_errors():
         load_config(None, [*JIG_TINY, "method.perm_criterion=max"])
     with pytest.raises(ConfigError, match="tile_size"):
         build_method(load_config(None, [*JIG_TINY, "method.tile_size=9"]))  # 5-px cells of a 16-px view
+    with pytest.raises(ConfigError, match="method.input"):
+        load_config(None, [*JIG_TINY, "method.input=tile"])
+    with pytest.raises(ConfigError, match="only applies to method.input=tiles"):
+        load_config(None, [*JIG_TINY, "method.input=image", "method.tile_input_size=12"])
     with pytest.raises(ConfigError, match="head_hidden_dim"):
         load_config(None, [*ROT_TINY, "method.head_hidden_dim=-1"])
 
@@ -263,7 +291,8 @@ def test_recipes_carry_the_papers_numbers():
     assert (jig.method.n_permutations, jig.method.tile_size, jig.method.channel_jitter, jig.method.hidden_dim) == (
         1000, 64, 2, 4096)
     assert jig.augment.views[0].size == 225 and jig.data.batch_size == 256  # 75-px cells
-    assert load_config(CONFIGS / "jigsaw" / "cifar10.yaml").method.n_permutations == 100
+    jig_c = load_config(CONFIGS / "jigsaw" / "cifar10.yaml")
+    assert (jig_c.method.n_permutations, jig_c.optim.lr, jig_c.optim.momentum) == (100, 0.01, 0.9)  # paper's SGD
 
 
 @pytest.mark.parametrize("name", ["rotation", "jigsaw"])

@@ -29,6 +29,14 @@ keeps the average distance and raises the minimum, see ``selfsup.pretext.permuta
 channel jitter, fc6 1024, fc7 4096. Departures: BN replaces dropout in the heads (as the VISSL
 ResNet-50 jigsaw head); see the recipes for the ResNet optimizer and the 32-px CIFAR puzzle.
 
+``input=image`` is the whole-image variant of JiGen (Carlucci et al. 2019, "Domain Generalization
+by Solving Jigsaw Puzzles", CVPR; official code: a 3x3 grid of whole cells, 30 permutations, no
+per-tile normalization, 10% grayscale tiles): the shuffled tiles are put back into one
+``grid*tile``-px image, the backbone runs once per image, and an MLP on its feature predicts y.
+The backbone then sees whole images as it will downstream; JiGen's extra "unshuffled" class is
+not included. Set ``tile_size`` to the cell size for JiGen's gapless grid and ``tile_norm`` false
+for its raw tiles.
+
 Example (the CIFAR recipe's puzzle on a batch):
     >>> method = build_method(load_config("configs/jigsaw/cifar10.yaml"))
     >>> tiles, labels = method.make_puzzles(images)  # (B, 9, 3, 9, 9), (B,) permutation indices
@@ -49,6 +57,7 @@ from selfsup.methods.base import Method, MethodConfig, StepOutput
 from selfsup.methods.rotation import classification_loss
 from selfsup.pretext.permutations import (
     CRITERIA,
+    assemble_tiles,
     extract_tiles,
     hamming_permutations,
     normalize_tiles,
@@ -58,6 +67,7 @@ from selfsup.pretext.permutations import (
 from selfsup.registry import register_method
 
 PAPER_TILE_FRACTION = 64 / 75  # 64-px tiles in 75-px cells
+INPUTS = ("tiles", "image")
 
 
 @dataclass
@@ -69,6 +79,8 @@ class JigsawConfig(MethodConfig):
     grid: int = 3  # grid x grid tiles
     tile_size: int | None = None  # None: round(cell * 64/75), the paper's tile/cell ratio
     tile_input_size: int | None = None  # resize tiles to this side for the backbone (ViTs need img_size)
+    input: str = "tiles"  # tiles: the paper's CFN, one backbone pass per tile; image: JiGen's reassembled image
+    tile_norm: bool = True  # zero mean, unit std per tile and channel (paper sec. 3)
     channel_jitter: int = 2  # ±pixels each colour channel of a colour tile moves (paper: 2)
     tile_dim: int = 1024  # shared per-tile layer (fc6); 0 concatenates the backbone features
     hidden_dim: int = 4096  # classifier hidden layer (fc7)
@@ -87,6 +99,11 @@ class JigsawConfig(MethodConfig):
                               f"({n_tiles} tiles, perm_pool {self.perm_pool})")
         if self.perm_pool <= 0 and n_tiles > 9:
             raise ConfigError(f"method.perm_pool=0 (all {n_tiles}! permutations) is only possible up to 3x3 tiles")
+        if self.input not in INPUTS:
+            raise ConfigError(f"method.input={self.input!r}: must be one of {', '.join(INPUTS)}")
+        if self.input == "image" and self.tile_input_size is not None:
+            raise ConfigError("method.tile_input_size resizes single tiles: it only applies to method.input=tiles "
+                              "(with input=image the backbone sees grid x tile_size pixels)")
         if self.perm_criterion not in CRITERIA:
             raise ConfigError(f"method.perm_criterion={self.perm_criterion!r}: must be one of {', '.join(CRITERIA)}")
         for key in ("tile_size", "tile_input_size"):
@@ -120,6 +137,10 @@ class Jigsaw(Method):
                                      cfg.perm_criterion)
         self.register_buffer("permutations", perms)
         dim = backbone.out_dim
+        if cfg.input == "image":  # one feature per reassembled image
+            self.tile_head = nn.Identity()
+            self.classifier = mlp(dim, cfg.hidden_dim, cfg.n_permutations, 2)
+            return
         if cfg.tile_dim > 0:  # fc6, shared by the 9 tiles
             self.tile_head = nn.Sequential(nn.Linear(dim, cfg.tile_dim, bias=False), nn.BatchNorm1d(cfg.tile_dim),
                                            nn.ReLU(inplace=True))
@@ -129,9 +150,9 @@ class Jigsaw(Method):
         self.classifier = mlp(self.n_tiles * dim, cfg.hidden_dim, cfg.n_permutations, 2)  # fc7 -> fc8
 
     def make_puzzles(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shuffled, per-tile normalized tiles ``(B, T, C, t, t)`` of a uint8 batch and the index of
-        the permutation each image got ``(B,)``: position i of puzzle b holds tile
-        ``permutations[labels[b], i]`` (cells numbered row-major)."""
+        """Shuffled tiles ``(B, T, C, t, t)`` of a uint8 batch (each normalized on its own when
+        ``tile_norm``) and the index of the permutation each image got ``(B,)``: position i of
+        puzzle b holds tile ``permutations[labels[b], i]`` (cells numbered row-major)."""
         view = self.views[0]
         batch, _, height, width = images.shape
         params = view.sample_params(batch, height, width, device=images.device)
@@ -141,11 +162,16 @@ class Jigsaw(Method):
                                    color, channels=x.shape[1], device=x.device)
         tiles = extract_tiles(x, top, left, self.tile)
         labels = torch.randint(0, self.cfg.n_permutations, (batch,), device=x.device)  # one per image
-        return normalize_tiles(shuffle_tiles(tiles, self.permutations[labels])), labels
+        shuffled = shuffle_tiles(tiles, self.permutations[labels])
+        return (normalize_tiles(shuffled) if self.cfg.tile_norm else shuffled), labels
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         tiles, labels = self.make_puzzles(batch["images"])
         n = tiles.shape[0]
+        if self.cfg.input == "image":  # position i of the grid holds tile permutations[label, i]
+            feats = self.backbone(self.layout(assemble_tiles(tiles, self.cfg.grid)))
+            loss, acc = classification_loss(self.classifier(feats), labels)
+            return StepOutput(loss=loss, metrics={"jigsaw_acc": acc}, embeddings=feats.detach())
         flat = tiles.flatten(0, 1)  # (B*T, C, t, t): every tile of every puzzle in one pass
         if self.cfg.tile_input_size is not None and self.cfg.tile_input_size != self.tile:
             size = (self.cfg.tile_input_size,) * 2
