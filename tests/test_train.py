@@ -191,3 +191,20 @@ def test_narrow_resnet_keeps_torchvision_names_and_zero_init():
     assert b.out_dim == 128 and b(torch.randn(2, 3, 32, 32)).shape == (2, 128)
     assert set(b.export_state_dict()) <= set(__import__("torchvision").models.resnet18().state_dict())
     assert float(b.model.layer2[0].bn2.weight.detach().abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["simclr", "byol", "simsiam", "barlow_twins", "vicreg", "mocov2", "mocov3"])
+def test_two_view_methods_refuse_other_view_counts(name):
+    from pathlib import Path
+
+    from selfsup.errors import ConfigError
+    from selfsup.train.trainer import build_method
+
+    recipe = Path(__file__).parents[1] / "configs" / name / "cifar10.yaml"
+    one_view = load_config(recipe, ["augment.views=[{size: 32}]"])
+    with pytest.raises(ConfigError, match=f"^{name} trains on exactly 2 views.*augment.views has 1"):
+        build_method(one_view)
+    if name.startswith("moco"):  # MoCo also refuses local crops
+        local = load_config(recipe, ["augment.n_local=2", "augment.local={size: 16}"])
+        with pytest.raises(ConfigError, match="and no local crops; augment.views has 2, augment.n_local=2"):
+            build_method(local)

@@ -73,8 +73,7 @@ class BarlowTwins(Method):
 
     def __init__(self, cfg: BarlowTwinsConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
-        if len(self.views) != 2:
-            raise ConfigError(f"barlow_twins trains on exactly 2 views; augment.views has {len(self.views)}")
+        self.require_two_views()
         # Linear (no bias) -> BN -> ReLU on hidden layers; the output Linear has no bias either
         # (official code). The affine-free output BN is done inside the loss, over the global batch.
         self.projector = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, bias_last=False)

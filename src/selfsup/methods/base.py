@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from selfsup.errors import ConfigError
 from selfsup.pretext.augment import Augment, eval_transform
 
 
@@ -73,6 +74,14 @@ class Method(nn.Module):
         self.channels_last = False  # set by the trainer
         first = augment.views[0]
         self.eval_size, self.eval_mean, self.eval_std = first.size, first.mean, first.std
+
+    def require_two_views(self, no_local: bool = False) -> None:
+        """Refuse an augment config that does not give the two views (and, with ``no_local``, no
+        local crops) that two-view methods train on."""
+        if len(self.views) != 2 or (no_local and len(self.local_views)):
+            local = f", augment.n_local={len(self.local_views)}" if no_local else ""
+            raise ConfigError(f"{self.name} trains on exactly 2 views{' and no local crops' if no_local else ''}; "
+                              f"augment.views has {len(self.views)}{local}")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -77,8 +77,7 @@ class BYOL(Method):
 
     def __init__(self, cfg: BYOLConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
-        if len(self.views) != 2:
-            raise ConfigError(f"byol trains on exactly 2 views; augment.views has {len(self.views)}")
+        self.require_two_views()
         # the official MLP: Linear -> BN -> ReLU -> Linear without bias (the first bias is
         # dropped here because BN cancels it)
         self.projector = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, bias_last=False)

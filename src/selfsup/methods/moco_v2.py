@@ -99,9 +99,7 @@ class MoCoV2(Method):
 
     def __init__(self, cfg: MoCoV2Config, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
-        if len(self.views) != 2 or len(self.local_views):
-            raise ConfigError(f"mocov2 trains on exactly 2 views and no local crops; augment.views has "
-                              f"{len(self.views)}, augment.n_local={len(self.local_views)}")
+        self.require_two_views(no_local=True)
         # official v2 head: Linear(2048, 2048) - ReLU - Linear(2048, 128), biases, no BN
         self.projector = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, 2, bn_hidden=False)
         self.key_backbone = make_teacher(self.backbone)

@@ -81,9 +81,7 @@ class MoCoV3(Method):
 
     def __init__(self, cfg: MoCoV3Config, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
-        if len(self.views) != 2 or len(self.local_views):
-            raise ConfigError(f"mocov3 trains on exactly 2 views and no local crops; augment.views has "
-                              f"{len(self.views)}, augment.n_local={len(self.local_views)}")
+        self.require_two_views(no_local=True)
         patch = getattr(getattr(backbone, "model", backbone), "patch_embed", None)
         if cfg.freeze_patch_embed and patch is not None:
             for p in patch.parameters():

@@ -50,8 +50,7 @@ class SimCLR(Method):
 
     def __init__(self, cfg: SimCLRConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
-        if len(self.views) != 2:
-            raise ConfigError(f"simclr trains on exactly 2 views; augment.views has {len(self.views)}")
+        self.require_two_views()
         self.projector = ProjectionHead(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:

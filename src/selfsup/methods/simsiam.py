@@ -68,8 +68,7 @@ class SimSiam(Method):
 
     def __init__(self, cfg: SimSiamConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
-        if len(self.views) != 2:
-            raise ConfigError(f"simsiam trains on exactly 2 views; augment.views has {len(self.views)}")
+        self.require_two_views()
         # Linear -> BN -> ReLU on hidden layers; the output Linear is followed by an affine-free BN
         self.projector = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, bn_last=True)
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, 2)

@@ -72,8 +72,7 @@ class VICReg(Method):
 
     def __init__(self, cfg: VICRegConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
-        if len(self.views) != 2:
-            raise ConfigError(f"vicreg trains on exactly 2 views; augment.views has {len(self.views)}")
+        self.require_two_views()
         # Linear -> BN -> ReLU on hidden layers, a bias-free output Linear (official code). The
         # hidden linears keep their bias there; mlp() drops it as BN's shift makes it redundant.
         self.projector = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, bias_last=False)
