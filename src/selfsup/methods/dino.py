@@ -194,8 +194,15 @@ class DINO(Method):
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
-        self.freezer.after_step()
-        m = self.momentum(progress)
-        ema_update(self.teacher_backbone, self.backbone, m)
-        ema_update(self.teacher_head, self.head, m)
-        self.clock.tick(progress)
+        teacher_step(self, progress, [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)])
+
+
+def teacher_step(method, progress: Progress, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
+    """After each optimizer step of DINO and DINOv2: release the last layer once its frozen steps
+    are over, move every teacher towards its student with the momentum of this step, then advance
+    the clock that the temperature and centre schedules read."""
+    method.freezer.after_step()
+    m = method.momentum(progress)
+    for teacher, student in pairs:
+        ema_update(teacher, student, m)
+    method.clock.tick(progress)

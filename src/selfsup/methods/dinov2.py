@@ -68,12 +68,12 @@ from selfsup.errors import ConfigError
 from selfsup.losses import (dino_center_update, dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher,
                             swav_loss)
 from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
-from selfsup.methods.dino import DINOHead
+from selfsup.methods.dino import DINOHead, teacher_step
 from selfsup.methods.swav import ParamFreezer, TrainingClock
 from selfsup.pretext.masking import block_masking
 from selfsup.pretext.multicrop import forward_by_resolution
 from selfsup.registry import register_method
-from selfsup.train.ema import ema_update, make_teacher
+from selfsup.train.ema import make_teacher
 from selfsup.train.monitor import prediction_uniformity
 from selfsup.train.schedules import momentum_schedule
 
@@ -328,10 +328,7 @@ class DINOv2(Method):
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
-        self.freezer.after_step()
-        m = self.momentum(progress)
-        ema_update(self.teacher_backbone, self.backbone, m)
-        ema_update(self.teacher_head, self.head, m)
+        pairs = [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
         if self.ibot_head is not None:
-            ema_update(self.teacher_ibot_head, self.ibot_head, m)
-        self.clock.tick(progress)
+            pairs.append((self.teacher_ibot_head, self.ibot_head))
+        teacher_step(self, progress, pairs)
