@@ -1,8 +1,12 @@
-"""LARS against steps computed by hand: trust ratio, weight decay folded in, clip mode, exclusions."""
+"""LARS against steps computed by hand (trust ratio, weight decay folded in, clip mode, exclusions), and
+the warm-up start of the lr schedule."""
+
+from pathlib import Path
 
 import pytest
 import torch
 
+from selfsup.errors import ConfigError
 from selfsup.train.optim import LARS
 
 
@@ -44,3 +48,24 @@ def test_lars_excluded_groups_take_plain_momentum_sgd_steps():
         opt.step()
     # v1 = g, v2 = 0.9 g + g = 1.9 g; w = w0 - lr (v1 + v2) = 4 - 0.1 * 2.9 * 0.5
     assert p.detach().tolist() == pytest.approx([3.0, 4.0 - 0.1 * 2.9 * 0.5])
+
+
+def test_warmup_starts_at_warmup_start_lr_and_reaches_the_base_rate(tmp_path, tiny_overrides):
+    from selfsup.config import load_config
+    from selfsup.train.trainer import Trainer
+
+    cfg = load_config(None, [*tiny_overrides, "optim.warmup_epochs=1", "optim.warmup_start_lr=0.1",
+                             "optim.lr_scaling=none", "optim.lr=0.5", "trainer.epochs=2"])
+    trainer = Trainer(cfg)
+    warmup = trainer.steps_per_epoch
+    lrs = []
+    for step in (0, warmup // 2, warmup):
+        trainer.step = step
+        lrs.append(trainer._set_schedules()[0])
+    assert lrs[0] == pytest.approx(0.1)  # unscaled start
+    assert lrs[1] == pytest.approx(0.1 + 0.4 * (warmup // 2) / warmup)
+    assert lrs[2] == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="optim.warmup_start_lr"):
+        load_config(None, [*tiny_overrides, "optim.warmup_start_lr=-1"])
+    imagenet = load_config(Path(__file__).parents[1] / "configs" / "ijepa" / "imagenet.yaml")
+    assert (imagenet.optim.lr, imagenet.optim.warmup_start_lr, imagenet.optim.min_lr) == (1e-3, 2e-4, 1e-6)

@@ -118,8 +118,9 @@ class AugmentSection:
 class OptimConfig:
     """Optimizer and schedules. ``lr`` is the base rate at ``ref_batch``; the rate used is
     scaled by ``lr_scaling`` (``linear``: lr * batch / ref_batch, as in SimCLR/BYOL/MAE;
-    ``sqrt``: lr * sqrt(batch / ref_batch); ``none``). LR: linear warmup then cosine to
-    ``min_lr`` per step. Weight decay: cosine from ``weight_decay`` to ``weight_decay_end``."""
+    ``sqrt``: lr * sqrt(batch / ref_batch); ``none``). LR: linear warmup from ``warmup_start_lr``
+    (not scaled; I-JEPA's official schedule starts at 2e-4) then cosine to ``min_lr`` per step.
+    Weight decay: cosine from ``weight_decay`` to ``weight_decay_end``."""
 
     name: str = "lars"  # lars | sgd | adamw
     lr: float = 0.3
@@ -127,6 +128,7 @@ class OptimConfig:
     ref_batch: int = 256
     min_lr: float = 0.0
     warmup_epochs: float = 10.0
+    warmup_start_lr: float = 0.0
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-6
@@ -148,6 +150,7 @@ class OptimConfig:
         _check(self.ref_batch >= 1, "optim.ref_batch", self.ref_batch, "must be >= 1")
         _check(self.min_lr >= 0, "optim.min_lr", self.min_lr, "must be >= 0")
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _check(self.warmup_start_lr >= 0, "optim.warmup_start_lr", self.warmup_start_lr, "must be >= 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         if self.weight_decay_end is not None:
             _check(self.weight_decay_end >= 0, "optim.weight_decay_end", self.weight_decay_end, "must be >= 0")

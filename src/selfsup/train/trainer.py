@@ -275,7 +275,7 @@ class Trainer:
     def _set_schedules(self) -> tuple[float, float]:
         o = self.cfg.optim
         warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
-        lr = cosine_schedule(self.step, self.total_steps, self.lr, o.min_lr, warmup)
+        lr = cosine_schedule(self.step, self.total_steps, self.lr, o.min_lr, warmup, o.warmup_start_lr)
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         wd = cosine_schedule(self.step, self.total_steps, o.weight_decay, wd_end)
         for group in self.optimizer.param_groups:
