@@ -191,6 +191,31 @@ def test_export_loads_strict_into_timm_with_same_output(pool):
         assert torch.allclose(ref(x), vit(x), atol=1e-5)
 
 
+def test_layer_scale_starts_at_its_value_scales_the_branches_and_exports_to_timm():
+    import timm
+
+    vit = tiny(img_size=32, layer_scale=1e-5)
+    gammas = [p for n, p in vit.named_parameters() if n.endswith(("ls1.gamma", "ls2.gamma"))]
+    assert len(gammas) == 4 and all(torch.equal(g, torch.full((32,), 1e-5)) for g in gammas)  # 2 blocks x 2
+    x = _x(side=32)
+    with torch.no_grad():
+        # the same seed gives the same weights; only the branch gains differ
+        plain = tiny(img_size=32)
+        assert not torch.allclose(vit(x), plain(x), atol=1e-3)  # same weights, different branches
+        for g in gammas:
+            g.fill_(1.0)  # LayerScale at 1 is the plain block
+        assert torch.allclose(vit(x), plain(x), atol=1e-5)
+        for g in gammas:
+            g.fill_(1e-5)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=0,
+                            depth=2, embed_dim=32, num_heads=2, init_values=1e-5, fc_norm=False).eval()
+    ref.load_state_dict(vit.export_state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(ref(x), vit(x), atol=1e-5)
+    with pytest.raises(ConfigError, match="backbone.layer_scale"):
+        BackboneConfig(name="vit_tiny", layer_scale=0.0).validate()
+
+
 # ---------------------------------------------------------------------------------------------
 # gradient checkpointing, layer-wise lr decay
 

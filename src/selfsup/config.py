@@ -70,6 +70,7 @@ class BackboneConfig:
     pos_embed: str = "sincos"  # fixed 2-D sin-cos (MAE, I-JEPA, MoCo v3) or "learned"
     pool: str = "cls"  # pooled feature: final-normed CLS token, or "mean" of the patch tokens
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    layer_scale: float | None = None  # ViTs: LayerScale (CaiT) on each residual branch, this initial value
     depth: int | None = None  # override the size's number of blocks
     embed_dim: int | None = None  # override the size's width
     num_heads: int | None = None  # override the size's attention heads
@@ -80,6 +81,9 @@ class BackboneConfig:
         _check(self.pos_embed in ("sincos", "learned"), "backbone.pos_embed", self.pos_embed,
                "must be sincos or learned")
         _check(self.pool in ("cls", "mean"), "backbone.pool", self.pool, "must be cls or mean")
+        if self.layer_scale is not None:
+            _check(self.layer_scale > 0, "backbone.layer_scale", self.layer_scale,
+                   "must be > 0 (BEiT 0.1, DINOv2 1e-5), or null for none")
         for key in ("img_size", "patch_size", "depth", "embed_dim", "num_heads"):
             value = getattr(self, key)
             if value is not None:

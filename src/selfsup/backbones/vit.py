@@ -102,7 +102,8 @@ class ViT(Backbone):
 
     def __init__(self, *, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, in_chans: int = 3, pos_embed: str = "sincos",
-                 pool: str = "cls", drop_path: float = 0.0, grad_checkpointing: bool = False) -> None:
+                 pool: str = "cls", drop_path: float = 0.0, grad_checkpointing: bool = False,
+                 layer_scale: float | None = None) -> None:
         from timm.models.vision_transformer import VisionTransformer
 
         if pos_embed not in ("sincos", "learned"):
@@ -117,6 +118,7 @@ class ViT(Backbone):
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
             dynamic_img_size=True,  # timm's own forward also takes any size (report, multi-crop)
             drop_path_rate=drop_path, weight_init="skip",
+            init_values=layer_scale,  # timm's LayerScale: a learned per-channel gain on each branch
         )
         super().__init__(model, embed_dim, "timm")
         self.pos_embed_type = pos_embed
@@ -283,7 +285,7 @@ def _build_vit(size: str, cfg: BackboneConfig) -> ViT:
         raise ConfigError(f"backbone.img_size {img} is not a multiple of backbone.patch_size {patch}")
     return ViT(img_size=img, patch_size=patch, embed_dim=dim, depth=cfg.depth or depth, num_heads=heads,
                pos_embed=cfg.pos_embed, pool=cfg.pool, drop_path=cfg.drop_path,
-               grad_checkpointing=cfg.grad_checkpointing)
+               grad_checkpointing=cfg.grad_checkpointing, layer_scale=cfg.layer_scale)
 
 
 for _size in VIT_SIZES:

@@ -35,8 +35,9 @@ Implementation notes: the masks come from the default generator, which the train
 (resume replays them). The view is ``augment.views[0]`` (BEiT trains on one view). Logits are
 computed only at masked positions, as ``lm_head(x[bool_masked_pos])``. ``metrics["beit/mlm_acc"]``
 is the official top-1 accuracy of the predicted tokens. The collapse monitor watches the pooled
-encoding of the corrupted crop. Our ViT (``backbones/vit.py``) has no relative position bias,
-layer scale or BEiT's depth-scaled init of the residual projections (departures; see the recipes).
+encoding of the corrupted crop. Layer scale is ``backbone.layer_scale`` (0.1 in the ImageNet
+recipe); our ViT (``backbones/vit.py``) has no relative position bias or BEiT's depth-scaled init
+of the residual projections (departures; see the recipes).
 Downstream the CLS token is never trained by this loss, so the recipes pool the mean patch token
 (BEiT's fine-tuning default, ``use_mean_pooling``).
 """
