@@ -39,10 +39,15 @@ def header(title: str) -> str:
 TEST_IMAGES = {"embedded": 1000, "cifar10": 10000}
 
 
+def test_images(row: dict) -> int | None:
+    """How many test images a kNN row's score rests on (recorded, or known for the data source)."""
+    return row.get("test_images") or TEST_IMAGES.get(row["data"])
+
+
 def verdict(row: dict) -> str:
     """"above" / "below" random init when the gain exceeds two binomial standard errors of the trained
     top-1 on the test split (sqrt(p(1-p)/n): 1.5 points at 30% on 1,000 images), else "within noise"."""
-    n = row.get("test_images") or TEST_IMAGES.get(row["data"])
+    n = test_images(row)
     if not n:
         return "?"
     p = row["trained"] / 100

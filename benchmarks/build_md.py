@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from _common import verdict
+from _common import test_images, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["demo_knn", "knn_table", "knn_table_c10k", "knn_tuning", "augment_speed", "eval_speed"]
@@ -42,17 +42,18 @@ def main() -> None:
         parts.append(text)
     (ROOT / "BENCHMARKS.md").write_text("\n\n".join(parts) + "\n")
     print(f"wrote BENCHMARKS.md from {len(files)} result files")
-    readme_status(results / "knn_rows")
+    readme_status([results / "knn_rows_c10k", results / "knn_rows"])
 
 
-def readme_status(rows_dir: Path) -> None:
-    """Fill README's methods-table status cells (<!-- knn:NAME -->...<!-- /knn -->) from the kNN rows."""
-    readme = ROOT / "README.md"
+def readme_status(rows_dirs: list[Path], readme: Path = ROOT / "README.md") -> None:
+    """Fill README's methods-table status cells (<!-- knn:NAME -->...<!-- /knn -->) from the kNN rows,
+    each from the first directory of ``rows_dirs`` that has a row for the method (the 10,000-image
+    protocol before the 1,000-image one); the cell names how many test images its score rests on."""
     text = readme.read_text()
 
     def status(m: re.Match) -> str:
-        path = rows_dir / f"{m.group(1)}.json"
-        if not path.exists():
+        path = next((d / f"{m.group(1)}.json" for d in rows_dirs if (d / f"{m.group(1)}.json").exists()), None)
+        if path is None:
             return m.group(0)
         r = json.loads(path.read_text())
         if "error" in r:
@@ -61,11 +62,12 @@ def readme_status(rows_dir: Path) -> None:
             gain = r["trained"] - r["random"]
             said = {"above": "beats random init", "below": "below random init"}.get(
                 verdict(r), "within noise of random init")
-            cell = f"{said}: kNN {r['trained']:.1f} vs {r['random']:.1f} ({gain:+.1f}) after the CPU budget"
+            cell = (f"{said}: kNN {r['trained']:.1f} vs {r['random']:.1f} ({gain:+.1f}) after the CPU budget, "
+                    f"{test_images(r) or '?':,} test images")
         return f"<!-- knn:{m.group(1)} -->{cell}<!-- /knn -->"
 
     readme.write_text(re.sub(r"<!-- knn:(\w+) -->.*?<!-- /knn -->", status, text))
-    print("updated README's method status from", rows_dir)
+    print(f"updated {readme.name}'s method status from", ", ".join(d.name for d in rows_dirs))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _common import verdict  # noqa: E402
+from build_md import readme_status  # noqa: E402
 
 
 def row(trained: float, random: float, data: str = "embedded") -> dict:
@@ -33,3 +34,22 @@ def test_verdict_unknown_test_size():
 def test_margin_is_symmetric(p):
     t = 100 * p
     assert verdict(row(t, t)) == "within noise"
+
+
+def test_readme_status_prefers_the_first_rows_dir_and_names_the_test_size(tmp_path):
+    import json
+
+    big, small = tmp_path / "knn_rows_c10k", tmp_path / "knn_rows"
+    for d in (big, small):
+        d.mkdir()
+    (big / "simclr.json").write_text(json.dumps({**row(41.7, 34.3, "/data/c10"), "test_images": 10000}))
+    (small / "simclr.json").write_text(json.dumps(row(39.3, 31.8)))
+    (small / "jigsaw.json").write_text(json.dumps(row(25.5, 31.8)))
+    readme = tmp_path / "README.md"
+    readme.write_text("| a | <!-- knn:simclr -->old<!-- /knn --> |\n| b | <!-- knn:jigsaw -->old<!-- /knn --> |\n"
+                      "| c | <!-- knn:mae -->kept<!-- /knn --> |\n")
+    readme_status([big, small], readme)
+    text = readme.read_text()
+    assert "beats random init: kNN 41.7 vs 34.3 (+7.4) after the CPU budget, 10,000 test images" in text
+    assert "below random init: kNN 25.5 vs 31.8 (-6.3) after the CPU budget, 1,000 test images" in text
+    assert "<!-- knn:mae -->kept<!-- /knn -->" in text  # no row anywhere: the cell is left alone
