@@ -53,3 +53,12 @@ def test_readme_status_prefers_the_first_rows_dir_and_names_the_test_size(tmp_pa
     assert "beats random init: kNN 41.7 vs 34.3 (+7.4) after the CPU budget, 10,000 test images" in text
     assert "below random init: kNN 25.5 vs 31.8 (-6.3) after the CPU budget, 1,000 test images" in text
     assert "<!-- knn:mae -->kept<!-- /knn -->" in text  # no row anywhere: the cell is left alone
+    # a second seed that disagrees makes the cell "not settled"
+    seeds = tmp_path / "seed1"
+    seeds.mkdir()
+    (seeds / "simclr.json").write_text(json.dumps({**row(34.6, 34.3, "/data/c10"), "test_images": 10000}))
+    readme_status([big, small], readme, seed_dir=seeds)
+    text = readme.read_text()
+    assert ("not settled: kNN 41.7 vs 34.3 (+7.4) after the CPU budget, 10,000 test images; "
+            "with trainer.seed=1 34.6 vs 34.3 (+0.3, within noise)") in text
+    assert "below random init: kNN 25.5 vs 31.8" in text  # no second seed: unchanged
