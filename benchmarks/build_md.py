@@ -67,14 +67,15 @@ def readme_status(rows_dirs: list[Path], readme: Path = ROOT / "README.md", seed
             cell = "kNN table run failed (BENCHMARKS.md)"
         else:
             gain = r["trained"] - r["random"]
-            said = {"above": "beats random init", "below": "below random init"}.get(
-                verdict(r), "within noise of random init")
+            said = {"above": "beats random init", "below": "below random init",
+                    "?": "not judged (test size unknown)"}.get(verdict(r), "within noise of random init")
+            n = test_images(r)
             cell = (f"{said}: kNN {r['trained']:.1f} vs {r['random']:.1f} ({gain:+.1f}) after the CPU budget, "
-                    f"{test_images(r) or '?':,} test images")
+                    f"{f'{n:,}' if n else 'an unknown number of'} test images")
             seed = seed_dir / f"{m.group(1)}.json" if seed_dir is not None else None
             if seed is not None and seed.exists():
                 s1 = json.loads(seed.read_text())
-                if "error" not in s1:
+                if "error" not in s1 and test_images(s1) == n:  # a second seed of the same protocol
                     if verdict(s1) != verdict(r):
                         cell = "not settled: " + cell.split(": ", 1)[1]
                     cell += (f"; with trainer.seed=1 {s1['trained']:.1f} vs {s1['random']:.1f} "

@@ -62,3 +62,8 @@ def test_readme_status_prefers_the_first_rows_dir_and_names_the_test_size(tmp_pa
     assert ("not settled: kNN 41.7 vs 34.3 (+7.4) after the CPU budget, 10,000 test images; "
             "with trainer.seed=1 34.6 vs 34.3 (+0.3, within noise)") in text
     assert "below random init: kNN 25.5 vs 31.8" in text  # no second seed: unchanged
+    # a row from a folder of unknown size still gets a cell
+    (small / "mae.json").write_text(json.dumps(row(40.0, 30.0, "/some/folder")))
+    readme_status([big, small], readme)
+    assert ("not judged (test size unknown): kNN 40.0 vs 30.0 (+10.0) after the CPU budget, an unknown number of "
+            "test images") in readme.read_text()
