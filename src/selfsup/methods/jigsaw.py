@@ -137,17 +137,14 @@ class Jigsaw(Method):
                                      cfg.perm_criterion)
         self.register_buffer("permutations", perms)
         dim = backbone.out_dim
-        if cfg.input == "image":  # one feature per reassembled image
-            self.tile_head = nn.Identity()
-            self.classifier = mlp(dim, cfg.hidden_dim, cfg.n_permutations, 2)
-            return
-        if cfg.tile_dim > 0:  # fc6, shared by the 9 tiles
+        self.tile_head = nn.Identity()
+        if cfg.input == "tiles" and cfg.tile_dim > 0:  # fc6, shared by the 9 tiles
             self.tile_head = nn.Sequential(nn.Linear(dim, cfg.tile_dim, bias=False), nn.BatchNorm1d(cfg.tile_dim),
                                            nn.ReLU(inplace=True))
             dim = cfg.tile_dim
-        else:
-            self.tile_head = nn.Identity()
-        self.classifier = mlp(self.n_tiles * dim, cfg.hidden_dim, cfg.n_permutations, 2)  # fc7 -> fc8
+        # fc7 -> fc8 on the 9 concatenated tile codes, or on the one feature of a reassembled image
+        in_dim = self.n_tiles * dim if cfg.input == "tiles" else dim
+        self.classifier = mlp(in_dim, cfg.hidden_dim, cfg.n_permutations, 2)
 
     def make_puzzles(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shuffled tiles ``(B, T, C, t, t)`` of a uint8 batch (each normalized on its own when
