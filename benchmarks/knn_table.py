@@ -124,6 +124,9 @@ def main() -> None:
     ap.add_argument("--title", default="kNN after a short budget: every image method vs its random-init encoder",
                     help="the table's section title")
     args, extra = ap.parse_known_args()
+    unknown = sorted(set(args.methods or []) - set(recipes()))
+    if unknown:  # before any run starts, not as a traceback from a worker thread
+        ap.error(f"no configs/NAME/cifar10.yaml for {', '.join(unknown)}; methods: {', '.join(recipes())}")
     rows_dir = args.rows or args.out.parent / "knn_rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     if args.rebuild:

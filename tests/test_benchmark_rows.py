@@ -67,3 +67,16 @@ def test_readme_status_prefers_the_first_rows_dir_and_names_the_test_size(tmp_pa
     readme_status([big, small], readme)
     assert ("not judged (test size unknown): kNN 40.0 vs 30.0 (+10.0) after the CPU budget, an unknown number of "
             "test images") in readme.read_text()
+
+
+def test_knn_table_refuses_an_unknown_method_before_running_anything(tmp_path, monkeypatch, capsys):
+    import knn_table
+
+    out = tmp_path / "t.md"
+    monkeypatch.setattr(sys, "argv", ["knn_table.py", "--methods", "barlow", "simclr", "--out", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        knn_table.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no configs/NAME/cifar10.yaml for barlow; methods: barlow_twins," in err
+    assert not out.exists() and not (tmp_path / "knn_rows").exists()  # nothing ran, nothing written
