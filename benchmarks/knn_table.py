@@ -13,7 +13,10 @@ them off.
     python benchmarks/knn_table.py --jobs 2             # all methods, CPU budget, 2 runs at a time
     python benchmarks/knn_table.py --methods simclr byol --epochs 4
     python benchmarks/knn_table.py --rebuild            # rewrite the table from the saved rows
-    python benchmarks/knn_table.py --epochs 100 --data cifar10 --paper-recipes backbone.width=64   # GPU budget
+    python benchmarks/knn_table.py --budget gpu --epochs 50 --batch-size 512 --data PATH   # GPU budget
+
+`--budget gpu` trains each recipe's own backbone (the full-width ResNet-18, the 12-block vit_tiny) for --epochs
+(the SHORT_BUDGET epoch counts are CPU-budget changes and are left out), with a tenth of the run as warm-up.
 
 Each method's result is kept in benchmarks/results/knn_rows/<method>.json (with its command,
 date and machine), so rerunning one method replaces only its row; the table
@@ -115,6 +118,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--data", default="embedded")
+    ap.add_argument("--budget", choices=["cpu", "gpu"], default="cpu",
+                    help="cpu: the cut backbones below; gpu: each recipe's own backbone, every method for --epochs")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, each with cores/jobs threads (2 on a 2-core CPU: one thread each)")
     ap.add_argument("--paper-recipes", action="store_true", help="leave out the SHORT_BUDGET changes")
@@ -150,16 +155,21 @@ def main() -> None:
 def run_method(name: str, args, extra: list[str], tmp: str, threads: int) -> dict:
     """Train one method at the budget; its row of the table (or the error it stopped with)."""
     short, why = ([], "") if args.paper_recipes else SHORT_BUDGET.get(name, ([], ""))
-    family = VIT_BUDGET if is_vit(name) else RESNET_BUDGET
+    if args.budget == "gpu":  # the same epochs for every method: drop the CPU budget's per-method epoch counts
+        family, short = [], [o for o in short if not o.startswith("trainer.epochs=")]
+        why = why if short else ""
+    else:
+        family = VIT_BUDGET if is_vit(name) else RESNET_BUDGET
     budget = [f"data.source={args.data}", f"trainer.epochs={args.epochs}", f"data.batch_size={args.batch_size}",
-              "trainer.ckpt_every=0", "trainer.progress=false", "optim.warmup_epochs=1", f"trainer.threads={threads}"]
+              "trainer.ckpt_every=0", "trainer.progress=false", f"optim.warmup_epochs={max(1, args.epochs // 10)}",
+              f"trainer.threads={threads}"]
     cmd = [sys.executable, "-m", "selfsup", "pretrain", "--config", f"configs/{name}/cifar10.yaml",
            "--out", tmp, f"trainer.run_name={name}", *budget, *family, *short, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     run = {"method": name, "command": shlex.join(["python", "-m", "selfsup", *cmd[3:]]),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-           "batch": args.batch_size, "data": args.data, "threads": threads, "jobs": args.jobs}
+           "batch": args.batch_size, "data": args.data, "threads": threads, "jobs": args.jobs, "budget": args.budget}
     if proc.returncode != 0:
         return {**run, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
     s = json.loads((Path(tmp) / name / "summary.json").read_text())
@@ -168,7 +178,9 @@ def run_method(name: str, args, extra: list[str], tmp: str, threads: int) -> dic
             "img_s": s["timings"]["images_per_second"], "train_s": s["timings"]["train_seconds"],
             "mem": s.get("peak_memory_mib"), "loss": s["final_loss"], "precision": s.get("precision"),
             "test_images": s["knn"].get("test_samples"), "bank_images": s["knn"].get("bank_samples"),
-            "backbone": " ".join(family), "short": " ".join(short + extra), "why": why}
+            "train_images": s.get("data", {}).get("train_samples"),
+            "backbone": " ".join(family), "short": " ".join(short + extra), "why": why,
+            "monitor": s.get("monitor")}  # collapse monitor: min std, last RankMe, alarm steps
 
 
 def _epochs(row: dict) -> int:
@@ -176,14 +188,20 @@ def _epochs(row: dict) -> int:
     return int([o for o in shlex.split(row["command"]) if o.startswith("trainer.epochs=")][-1].split("=")[1])
 
 
+_GPU_BUDGET_TEXT = ("`--budget gpu`: each recipe's own backbone (ResNet-18 at full width with the CIFAR stem; vit_tiny "
+                    "with its 12 blocks on 4-px patches), the epochs of the row for every method, "
+                    "`trainer.ckpt_every=0`, a tenth of the run as warm-up, ")
+
+
 def write_table(args, rows_dir: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     where = rows_dir.resolve().relative_to(ROOT) if rows_dir.resolve().is_relative_to(ROOT) else rows_dir
     lines = [f"## {args.title}\n",
              "Each row is one `selfsup pretrain` run from the method's CIFAR recipe plus the budget: "
-             f"ResNets `{' '.join(RESNET_BUDGET)}` (ResNet-18 at a quarter width with the CIFAR stem), ViTs "
-             f"`{' '.join(VIT_BUDGET)}` (vit_tiny, 4-px patches, 4 blocks), `trainer.ckpt_every=0 optim.warmup_epochs=1`, "
-             "and the short-budget changes listed; kNN top-1 with k=20 on the labeled test split, the training "
+             + (_GPU_BUDGET_TEXT if rows and all(r.get("budget") == "gpu" for r in rows) else
+                f"ResNets `{' '.join(RESNET_BUDGET)}` (ResNet-18 at a quarter width with the CIFAR stem), ViTs "
+                f"`{' '.join(VIT_BUDGET)}` (vit_tiny, 4-px patches, 4 blocks), `trainer.ckpt_every=0 optim.warmup_epochs=1`, ")
+             + "and the short-budget changes listed; kNN top-1 with k=20 on the labeled test split, the training "
              "split as the bank. `python benchmarks/knn_table.py --methods NAME` (with the row's own --data, --rows "
              f"and overrides) reruns one row; each row's exact command, date and machine are in `{where}/NAME.json`. "
              "images/s counts "

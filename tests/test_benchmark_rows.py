@@ -80,3 +80,56 @@ def test_knn_table_refuses_an_unknown_method_before_running_anything(tmp_path, m
     err = capsys.readouterr().err
     assert "no configs/NAME/cifar10.yaml for barlow; methods: barlow_twins," in err
     assert not out.exists() and not (tmp_path / "knn_rows").exists()  # nothing ran, nothing written
+
+
+def test_readme_status_leads_with_the_gpu_row(tmp_path):
+    import json
+
+    cpu, gpu = tmp_path / "knn_rows_c10k", tmp_path / "knn_rows_gpu"
+    for d in (cpu, gpu):
+        d.mkdir()
+    c10k = {"data": "/data/c10", "test_images": 10000}
+    (cpu / "beit.json").write_text(json.dumps({**row(34.7, 33.6), **c10k}))
+    (gpu / "beit.json").write_text(json.dumps({**row(46.3, 33.8), **c10k, "train_images": 50000,
+                                               "command": "python -m selfsup pretrain trainer.epochs=30"}))
+    (gpu / "mae.json").write_text(json.dumps({**row(48.7, 35.0), **c10k, "command": "x trainer.epochs=45"}))
+    (gpu / "jigsaw.json").write_text(json.dumps({"error": "out of memory", "data": "/data/c10"}))
+    (cpu / "jigsaw.json").write_text(json.dumps({**row(28.4, 34.3), **c10k}))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- knn:beit -->old<!-- /knn -->\n<!-- knn:mae -->old<!-- /knn -->\n"
+                      "<!-- knn:jigsaw -->old<!-- /knn -->\n")
+    readme_status([cpu], readme, gpu_dir=gpu)
+    text = readme.read_text()
+    assert ("<!-- knn:beit -->beats random init after the GPU budget: kNN 46.3 vs 33.8 (+12.5), 30 epochs of 50,000 "
+            "training images, 10,000 test images; beats random init: kNN 34.7 vs 33.6 (+1.1) after the CPU budget, "
+            "10,000 test images<!-- /knn -->") in text
+    # a GPU row alone makes the whole cell; a failed GPU row leaves the CPU cell as it was
+    assert ("<!-- knn:mae -->beats random init after the GPU budget: kNN 48.7 vs 35.0 (+13.7), 45 epochs of the "
+            "training images, 10,000 test images<!-- /knn -->") in text
+    assert "<!-- knn:jigsaw -->below random init: kNN 28.4 vs 34.3 (-5.9) after the CPU budget" in text
+
+
+def test_knn_table_gpu_budget_keeps_the_recipe_backbone_and_one_epoch_count(tmp_path, monkeypatch):
+    import subprocess
+    from types import SimpleNamespace
+
+    import knn_table
+
+    seen, real = [], subprocess.run
+
+    def fake(cmd, **kw):  # the pretrain command is recorded, not run; anything else (machine facts) runs
+        if "pretrain" not in cmd:
+            return real(cmd, **kw)
+        seen.append(cmd)
+        return SimpleNamespace(returncode=1, stderr="x")
+
+    monkeypatch.setattr(subprocess, "run", fake)
+    for budget in ("cpu", "gpu"):
+        args = SimpleNamespace(paper_recipes=False, budget=budget, data="/d", epochs=30, batch_size=512, jobs=1)
+        r = knn_table.run_method("mae", args, [], str(tmp_path), 4)
+        assert r["error"] == "x" and r["budget"] == budget
+    cpu, gpu = seen
+    assert "backbone.depth=4" in cpu and cpu[-1] == "trainer.epochs=20"  # the CPU budget's cut ViT, MAE's 20 epochs
+    assert "optim.warmup_epochs=3" in cpu and "optim.warmup_epochs=3" in gpu  # a tenth of --epochs
+    assert not any(o.startswith("backbone.") for o in gpu)
+    assert [o for o in gpu if o.startswith("trainer.epochs=")] == ["trainer.epochs=30"]
