@@ -44,6 +44,7 @@ I-JEPA lr variant then shared the GPU, five runs at a time with a 3-step run of 
 alongside. That check, on every method, ran on CUDA without error, and so did a CUDA resume and the
 CUDA masking test. BEiT's first run, 46 epochs, passed the time limit and was cut off; it was rerun
 alone at 30 epochs. Its images/s is therefore the only one measured on an unshared GPU.
+`benchmarks/gpu_session.sh` is that session's script, from the probe to the packed logs.
 """
 
 
