@@ -133,3 +133,20 @@ def test_knn_table_gpu_budget_keeps_the_recipe_backbone_and_one_epoch_count(tmp_
     assert "optim.warmup_epochs=3" in cpu and "optim.warmup_epochs=3" in gpu  # a tenth of --epochs
     assert not any(o.startswith("backbone.") for o in gpu)
     assert [o for o in gpu if o.startswith("trainer.epochs=")] == ["trainer.epochs=30"]
+
+
+def test_knn_table_says_how_jigsaw_features_are_read_unless_the_row_overrode_it(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    import knn_table
+
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    base = {"data": "embedded", "batch": 128, "trained": 21.7, "random": 17.3, "img_s": 400, "train_s": 150,
+            "mem": 900, "why": "", "machine": "m", "date": "d", "command": "x trainer.epochs=10"}
+    (rows / "jigsaw.json").write_text(json.dumps({**base, "method": "jigsaw", "short": ""}))
+    args = SimpleNamespace(title="t", out=tmp_path / "t.md")
+    assert "- jigsaw: the mean of the backbone's features of the 3x3 grid's central tiles" in knn_table.write_table(args, rows)
+    (rows / "jigsaw.json").write_text(json.dumps({**base, "method": "jigsaw", "short": "method.eval_input=image"}))
+    assert "central tiles" not in knn_table.write_table(args, rows)

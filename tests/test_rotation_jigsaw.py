@@ -217,7 +217,7 @@ def test_puzzle_labels_name_the_permutation_that_shuffled_the_tiles():
     assert not torch.equal(method.make_puzzles(images)[1], labels)
 
 
-def test_jigsaw_step_encodes_9b_tiles_and_full_images_downstream():
+def test_jigsaw_step_encodes_9b_tiles_and_the_grid_tiles_downstream():
     method = _identity_jigsaw()
     seen = []
     hook = method.backbone.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
@@ -227,12 +227,36 @@ def test_jigsaw_step_encodes_9b_tiles_and_full_images_downstream():
     assert 0.0 <= float(out.metrics["jigsaw_acc"]) <= 1.0 and math.isfinite(out.loss.item())
     seen.clear()
     feats = method.embed({"images": _images(4, side=15)})
-    assert seen == [(4, 3, 15, 15)] and feats.shape == (4, 128)  # encode: the whole image
+    assert seen == [(36, 3, 5, 5)] and feats.shape == (4, 128)  # encode: the 9 tiles of each image
     hook.remove()
     resized = _identity_jigsaw(["method.tile_input_size=12", "method.tile_dim=0"])
     resized.backbone.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
     resized({"images": _images(2, side=15)})
     assert seen[-1] == (18, 3, 12, 12) and resized.classifier[0].in_features == 9 * 128
+
+
+def test_tile_features_average_the_central_tile_of_each_cell():
+    # Kolesnikov et al. 2019's evaluation of patch models: 3x3 patches without jitter, each
+    # standardized, features averaged. 16-px image: 5-px cells from pixel (16 - 15) // 2 = 0,
+    # 3-px tiles at the cells' centres, offset (5 - 3) // 2 = 1: rows/cols 1, 6, 11
+    method = _identity_jigsaw(["augment.views.0.size=16", "method.tile_size=3"]).eval()
+    x = torch.randn(2, 3, 16, 16)
+    tiles = torch.stack([x[:, :, r:r + 3, c:c + 3] for r in (1, 6, 11) for c in (1, 6, 11)], dim=1)
+    flat = tiles.flatten(-2)
+    normed = ((flat - flat.mean(-1, keepdim=True)) / (flat.std(-1, unbiased=False, keepdim=True) + 1e-5))
+    with torch.no_grad():
+        want = method.backbone(normed.view(18, 3, 3, 3)).view(2, 9, -1).mean(1)
+        assert torch.allclose(method.encode(x), want, atol=1e-5)
+        # raw tiles without tile_norm; the whole image with eval_input=image
+        raw = _identity_jigsaw(["augment.views.0.size=16", "method.tile_size=3", "method.tile_norm=false"]).eval()
+        want_raw = raw.backbone(tiles.flatten(0, 1)).view(2, 9, -1).mean(1)
+        assert torch.allclose(raw.encode(x), want_raw, atol=1e-5)
+        whole = _identity_jigsaw(["augment.views.0.size=16", "method.eval_input=image"]).eval()
+        assert torch.allclose(whole.encode(x), whole.backbone(x))
+    # JiGen's whole-image training evaluates whole images unless told otherwise
+    assert _identity_jigsaw(["method.input=image", "method.tile_norm=false"]).encode(x).shape == (2, 128)
+    with pytest.raises(ConfigError, match="eval_input=image"):
+        method.encode(torch.randn(1, 3, 8, 8))  # 2-px cells cannot hold 3-px tiles
 
 
 def test_image_input_feeds_the_reassembled_puzzle_to_one_backbone_pass():
@@ -268,6 +292,8 @@ def test_jigsaw_config_errors():
         build_method(load_config(None, [*JIG_TINY, "method.tile_size=9"]))  # 5-px cells of a 16-px view
     with pytest.raises(ConfigError, match="method.input"):
         load_config(None, [*JIG_TINY, "method.input=tile"])
+    with pytest.raises(ConfigError, match="method.eval_input"):
+        load_config(None, [*JIG_TINY, "method.eval_input=patches"])
     with pytest.raises(ConfigError, match="only applies to method.input=tiles"):
         load_config(None, [*JIG_TINY, "method.input=image", "method.tile_input_size=12"])
     with pytest.raises(ConfigError, match="head_hidden_dim"):

@@ -15,8 +15,17 @@ predicts y:
 Shortcut prevention (sec. 3): each tile is normalized to zero mean and unit std on its own
 (per channel here), tiles are separated by random gaps, each colour channel of a colour tile is
 shifted by its own random ±0/1/2 pixels (chromatic aberration), and part of the images are
-grayscale (the view's ``grayscale_p``). Downstream, ``encode(x)`` is the backbone on the full
-image (not on tiles); ``jigsaw_acc`` logs the pretext accuracy.
+grayscale (the view's ``grayscale_p``). ``jigsaw_acc`` logs the pretext accuracy.
+
+Evaluation features (``eval_input``): the backbone is trained on tiles, so by default ``encode(x)``
+cuts the evaluation image into the same grid, takes the central ``tile``-px tile of each cell (no
+gap jitter), normalizes each as in training and averages the backbone's features of the tiles:
+the protocol of Kolesnikov, Zhai, Beyer 2019 ("Revisiting Self-Supervised Visual Representation
+Learning", CVPR; official evaluation config: 3x3 patches of the training tile size, no jitter,
+per-patch standardization, representations average-pooled over the patches). ``eval_input=image``
+gives the backbone on the whole image instead, which is what an exported backbone computes; on
+32-px CIFAR it stayed below random init at every budget measured (BENCHMARKS.md). With
+``input=image`` (JiGen) the backbone trains on whole images and is evaluated on them.
 
 Paper defaults (ImageNet, AlexNet-based CFN): 225-px random crop of the image's central square
 resized to 255 px, 75-px cells, 64-px tiles; K = 1000 permutations (maximal average Hamming
@@ -80,6 +89,7 @@ class JigsawConfig(MethodConfig):
     tile_size: int | None = None  # None: round(cell * 64/75), the paper's tile/cell ratio
     tile_input_size: int | None = None  # resize tiles to this side for the backbone (ViTs need img_size)
     input: str = "tiles"  # tiles: the paper's CFN, one backbone pass per tile; image: JiGen's reassembled image
+    eval_input: str | None = None  # features: mean over the grid's tiles, or the whole image; None: as trained
     tile_norm: bool = True  # zero mean, unit std per tile and channel (paper sec. 3)
     channel_jitter: int = 2  # ±pixels each colour channel of a colour tile moves (paper: 2)
     tile_dim: int = 1024  # shared per-tile layer (fc6); 0 concatenates the backbone features
@@ -99,8 +109,10 @@ class JigsawConfig(MethodConfig):
                               f"({n_tiles} tiles, perm_pool {self.perm_pool})")
         if self.perm_pool <= 0 and n_tiles > 9:
             raise ConfigError(f"method.perm_pool=0 (all {n_tiles}! permutations) is only possible up to 3x3 tiles")
-        if self.input not in INPUTS:
-            raise ConfigError(f"method.input={self.input!r}: must be one of {', '.join(INPUTS)}")
+        for key in ("input", "eval_input"):
+            value = getattr(self, key)
+            if value not in INPUTS and not (key == "eval_input" and value is None):
+                raise ConfigError(f"method.{key}={value!r}: must be one of {', '.join(INPUTS)}")
         if self.input == "image" and self.tile_input_size is not None:
             raise ConfigError("method.tile_input_size resizes single tiles: it only applies to method.input=tiles "
                               "(with input=image the backbone sees grid x tile_size pixels)")
@@ -162,6 +174,32 @@ class Jigsaw(Method):
         shuffled = shuffle_tiles(tiles, self.permutations[labels])
         return (normalize_tiles(shuffled) if self.cfg.tile_norm else shuffled), labels
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation features of normalized images ``(B, C, S, S)``: the mean of the backbone's
+        features of the grid's central tiles (``eval_input=tiles``, the default for tile training),
+        or the backbone on the whole image."""
+        if (self.cfg.eval_input or self.cfg.input) == "image":
+            return self.backbone(x)
+        batch, channels, size = x.shape[0], x.shape[1], x.shape[-1]
+        cell = size // self.cfg.grid
+        if x.shape[-2] != size or self.tile > cell:
+            raise ConfigError(f"jigsaw's tile features need a square image of at least {self.cfg.grid * self.tile} px "
+                              f"(got {tuple(x.shape[-2:])}); method.eval_input=image evaluates whole images")
+        idx = torch.arange(self.n_tiles, device=x.device)
+        offset = (size - self.cfg.grid * cell) // 2 + (cell - self.tile) // 2  # each cell's central tile
+        top = (offset + (idx // self.cfg.grid) * cell).view(1, -1, 1).expand(batch, -1, channels)
+        left = (offset + (idx % self.cfg.grid) * cell).view(1, -1, 1).expand(batch, -1, channels)
+        tiles = extract_tiles(x, top, left, self.tile)
+        feats = self._tile_features((normalize_tiles(tiles) if self.cfg.tile_norm else tiles).flatten(0, 1))
+        return feats.reshape(batch, self.n_tiles, -1).mean(dim=1)
+
+    def _tile_features(self, flat: torch.Tensor) -> torch.Tensor:
+        """The backbone on tiles ``(N, C, t, t)``, resized to ``tile_input_size`` first if set."""
+        if self.cfg.tile_input_size is not None and self.cfg.tile_input_size != self.tile:
+            size = (self.cfg.tile_input_size,) * 2
+            flat = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+        return self.backbone(self.layout(flat))
+
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         tiles, labels = self.make_puzzles(batch["images"])
         n = tiles.shape[0]
@@ -169,11 +207,7 @@ class Jigsaw(Method):
             feats = self.backbone(self.layout(assemble_tiles(tiles, self.cfg.grid)))
             loss, acc = classification_loss(self.classifier(feats), labels)
             return StepOutput(loss=loss, metrics={"jigsaw_acc": acc}, embeddings=feats.detach())
-        flat = tiles.flatten(0, 1)  # (B*T, C, t, t): every tile of every puzzle in one pass
-        if self.cfg.tile_input_size is not None and self.cfg.tile_input_size != self.tile:
-            size = (self.cfg.tile_input_size,) * 2
-            flat = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
-        feats = self.backbone(self.layout(flat))
+        feats = self._tile_features(tiles.flatten(0, 1))  # every tile of every puzzle in one pass
         codes = self.tile_head(feats).reshape(n, -1)  # concatenated in the shuffled order
         loss, acc = classification_loss(self.classifier(codes), labels)
         first_tiles = feats.reshape(n, self.n_tiles, -1)[:, 0]  # what the collapse monitor watches
