@@ -15,7 +15,7 @@ from _common import test_images, verdict
 from knn_table import _epochs
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["demo_knn", "knn_table_gpu", "knn_table_gpu_ijepa_lr", "knn_table_c10k", "knn_table_c10k_seed1", "knn_table", "knn_tuning", "augment_speed", "eval_speed"]
+ORDER = ["demo_knn", "knn_table_gpu", "knn_table_gpu_ijepa_lr", "knn_table_gpu_jigsaw_image", "knn_table_c10k", "knn_table_c10k_seed1", "knn_table", "knn_tuning", "augment_speed", "eval_speed"]
 
 INTRO = """# Benchmarks
 
@@ -24,20 +24,22 @@ the date and the command that produced it, so anyone can rerun it. Rebuild this 
 `python benchmarks/build_md.py` after rerunning a benchmark. CPU timings come from a shared
 2-core machine and are only comparable inside one section (ratios measured side by side).
 
-The kNN tables train every image method for the same short CPU budget and compare it with the
-same encoder at random init. The first (10,000 test images of CIFAR-10, a margin of about 1 point)
-is the one README's status column reads; the 1,000-image table on the embedded data (a margin of
-about 3 points) is the one that reruns from a clone with nothing extracted.
+The CPU kNN tables train every image method for the same short CPU budget and compare it with the
+same encoder at random init. The one on 10,000 test images of CIFAR-10 (a margin of about 1 point)
+is the one README's status column reads, after the GPU-budget table where a method has a row there;
+the 1,000-image table on the embedded data (a margin of about 3 points) is the one that reruns from
+a clone with nothing extracted.
 
-The demo section and the kNN tables' rows were run on 2026-11-29 on a 2-core AMD EPYC with
+The demo section and the CPU kNN tables' rows were run on 2026-11-29 (jigsaw's on 2026-11-30) on a 2-core AMD EPYC with
 AVX-512 bf16, so `precision: auto` trained in bf16 autocast (the demo's three seeds ran alone, 34-37 s
 of training each; on the AVX2-only machine of 2026-11-23, in fp32, seed 2 took 117 s alone). Two to
 four kNN-table runs shared the two cores at a time (each on one thread), so its images/s compare
 methods only roughly; the kNN values do not depend on load.
 
 The GPU-budget table (`knn_table.py --budget gpu`) ran on 2026-11-30 on one NVIDIA H200 lent for 15
-minutes, for the methods the CPU budget left narrow (BEiT, I-JEPA) or below random init (jigsaw),
-with MAE beside them as the masked-modelling reference. It trains on all 50,000 CIFAR-10 training
+minutes, for the methods the CPU budget left narrow (BEiT, I-JEPA) or below random init (jigsaw,
+then read on whole images; its row is in a section of its own since tile features became its default
+evaluation), with MAE beside them as the masked-modelling reference. It trains on all 50,000 CIFAR-10 training
 images with each recipe's own backbone. Each run's epochs were sized to fill about 7 minutes: a
 40-step probe of the five runs side by side measured their speed first. MAE, I-JEPA, jigsaw and the
 I-JEPA lr variant then shared the GPU, five runs at a time with a 3-step run of every image method
