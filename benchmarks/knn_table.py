@@ -101,10 +101,10 @@ SHORT_BUDGET: dict[str, tuple[list[str], str]] = {
                "the recipe's 0.03 x batch/256 (SGD, the official CIFAR demo) gave 30.9 vs 31.8 at 10 epochs; 0.3 is solo-learn's CIFAR MoCo v2+ rate."),
 }
 
-# method -> how its kNN features are read, where that is not the backbone on the whole image (printed under
-# the table for rows that did not override it)
-FEATURES: dict[str, tuple[str, str]] = {
-    "jigsaw": ("method.eval_input=image",
+# method -> (overrides that make it read whole images, how its kNN features are read otherwise): printed under
+# the table when one of its rows has none of those overrides
+FEATURES: dict[str, tuple[tuple[str, ...], str]] = {
+    "jigsaw": (("method.eval_input=image", "method.input=image"),
                "the mean of the backbone's features of the 3x3 grid's central tiles, each normalized as in training "
                "(Kolesnikov, Zhai, Beyer 2019's evaluation of patch-based methods; `method.eval_input=tiles`, the "
                "default for tile training); the random-init column reads the random encoder the same way. The encoder "
@@ -140,10 +140,14 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true", help="only rewrite the table from the saved rows")
     ap.add_argument("--title", default="kNN after a short budget: every image method vs its random-init encoder",
                     help="the table's section title")
+    ap.add_argument("--tag", default=None,
+                    help="save the (one) method's row as TAG.json instead of METHOD.json: variants side by side")
     args, extra = ap.parse_known_args()
     unknown = sorted(set(args.methods or []) - set(recipes()))
     if unknown:  # before any run starts, not as a traceback from a worker thread
         ap.error(f"no configs/NAME/cifar10.yaml for {', '.join(unknown)}; methods: {', '.join(recipes())}")
+    if args.tag is not None and len(args.methods or []) != 1:
+        ap.error("--tag names one run: give exactly one method with --methods")
     rows_dir = args.rows or args.out.parent / "knn_rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     if args.rebuild:
@@ -156,7 +160,7 @@ def main() -> None:
         row = run_method(name, args, extra, tmp, threads)
         print(json.dumps({k: v for k, v in row.items() if k not in ("command", "machine", "why")}), flush=True)
         with lock:  # after every method, so a cut-short run keeps its rows
-            (rows_dir / f"{name}.json").write_text(json.dumps(row, indent=1))
+            (rows_dir / f"{args.tag or name}.json").write_text(json.dumps(row, indent=1))
             write_table(args, rows_dir)
 
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
@@ -223,6 +227,8 @@ def write_table(args, rows_dir: Path) -> str:
              "about 3 points are `within noise`. `--data PATH data.limit=5000` with PATH the extracted CIFAR-10 ImageFolder "
              "(../shared/data/cifar10-jpg.tar.gz) trains on 5,000 of its images and scores on its 10,000 test "
              "images with all 50,000 as the bank, which narrows that to ±0.5.\n"]
+    if (rows_dir / "NOTE.md").exists():  # what these rows are for, kept beside them so --rebuild keeps it
+        lines.append((rows_dir / "NOTE.md").read_text().strip() + "\n")
     machines = sorted({r["machine"] for r in rows})
     dates = sorted(r["date"] for r in rows)
     if rows:
@@ -233,7 +239,7 @@ def write_table(args, rows_dir: Path) -> str:
         lines.append(f"- runs: {'; '.join(modes)}\n")
     lines += ["| method | data | epochs | batch | kNN top-1 (k20) | random init | gain | images/s | train s | peak MiB | short-budget changes | vs random init |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    notes, features = [], []
+    notes, features = [], {}
     for r in rows:
         head = f"| {r['method']} | {r['data']} | {_epochs(r)} | {r['batch']} |"
         if "error" in r:
@@ -244,13 +250,14 @@ def write_table(args, rows_dir: Path) -> str:
                      f"{r['img_s']:.0f} | {r['train_s']:.0f} | {r['mem']:.0f} | {changes} | {verdict(r)} |")
         if r["why"]:
             notes.append(f"- {r['method']}: {r['why']}")
-        override, how = FEATURES.get(r["method"], ("", ""))
-        if how and override not in r["short"]:
-            features.append(f"- {r['method']}: {how}")
+        overrides, how = FEATURES.get(r["method"], ((), ""))
+        if how and not any(o in shlex.split(r["short"]) for o in overrides):
+            features[r["method"]] = f"- {r['method']}: {how}"
     if notes:
         lines += ["", "Why each short-budget change:", "", *notes]
     if features:
-        lines += ["", "Features read by the kNN where they are not the backbone on the whole image:", "", *features]
+        lines += ["", "Features read by the kNN where they are not the backbone on the whole image:", "",
+                  *features.values()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     return "\n".join(lines)

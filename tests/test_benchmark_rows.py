@@ -148,5 +148,31 @@ def test_knn_table_says_how_jigsaw_features_are_read_unless_the_row_overrode_it(
     (rows / "jigsaw.json").write_text(json.dumps({**base, "method": "jigsaw", "short": ""}))
     args = SimpleNamespace(title="t", out=tmp_path / "t.md")
     assert "- jigsaw: the mean of the backbone's features of the 3x3 grid's central tiles" in knn_table.write_table(args, rows)
-    (rows / "jigsaw.json").write_text(json.dumps({**base, "method": "jigsaw", "short": "method.eval_input=image"}))
-    assert "central tiles" not in knn_table.write_table(args, rows)
+    (rows / "jigsaw_b.json").write_text(json.dumps({**base, "method": "jigsaw", "short": "optim.lr=0.1"}))
+    assert knn_table.write_table(args, rows).count("central tiles") == 1  # once per method, not per row
+    for whole in ("method.eval_input=image", "method.input=image method.tile_norm=false"):
+        for name in ("jigsaw", "jigsaw_b"):
+            (rows / f"{name}.json").write_text(json.dumps({**base, "method": "jigsaw", "short": whole}))
+        assert "central tiles" not in knn_table.write_table(args, rows)
+
+
+def test_knn_table_tag_keys_one_run_and_a_note_beside_the_rows_is_kept(tmp_path, monkeypatch, capsys):
+    import json
+    from types import SimpleNamespace
+
+    import knn_table
+
+    monkeypatch.setattr(sys, "argv", ["knn_table.py", "--methods", "simclr", "byol", "--tag", "x",
+                                      "--out", str(tmp_path / "t.md")])
+    with pytest.raises(SystemExit) as exc:
+        knn_table.main()
+    assert exc.value.code == 2 and "--tag names one run" in capsys.readouterr().err
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    (rows / "NOTE.md").write_text("Why these rows exist.\n")
+    (rows / "a.json").write_text(json.dumps({"method": "simclr", "data": "embedded", "batch": 128, "trained": 40.0,
+                                             "random": 30.0, "img_s": 1, "train_s": 1, "mem": 1, "why": "",
+                                             "short": "optim.lr=1", "machine": "m", "date": "d",
+                                             "command": "x trainer.epochs=10"}))
+    text = knn_table.write_table(SimpleNamespace(title="t", out=tmp_path / "t.md"), rows)
+    assert "\nWhy these rows exist.\n" in text and "| simclr | embedded | 10 |" in text
