@@ -182,6 +182,19 @@ def test_logistic_regression_separable() -> None:
     result = logistic_regression(train_x, train_y, test_x, test_y)
     assert result["top1"] == pytest.approx(100.0)
     assert result["top5"] == pytest.approx(100.0)
+    assert result["converged"] is True
+
+
+def test_logistic_regression_that_stops_early_says_so_once(caplog) -> None:
+    import warnings
+
+    train_x, train_y = gaussian_clusters(300, seed=12)
+    test_x, test_y = gaussian_clusters(100, seed=13)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scikit-learn's ConvergenceWarning must not escape
+        result = logistic_regression(train_x, train_y, test_x, test_y, max_iter=1)
+    assert result["converged"] is False and 0.0 <= result["top1"] <= 100.0
+    assert [r for r in caplog.records if "max_iter=1 before converging" in r.getMessage()]
 
 
 # ----------------------------------------------------------------------------- few-shot

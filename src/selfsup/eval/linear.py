@@ -14,8 +14,10 @@ Two classifiers on top of cached features:
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -314,8 +316,11 @@ def logistic_regression(
     (up to tens of thousands of samples); use :func:`linear_probe` beyond.
 
     Returns:
-        ``{"top1": %, "top5": %}``; ``top5`` only with at least 5 classes.
+        ``{"top1": %, "top5": %, "converged": bool}``; ``top5`` only with at least 5 classes.
+        ``converged`` is False when L-BFGS stopped at ``max_iter`` (logged once as a warning,
+        instead of scikit-learn's ConvergenceWarning): the scores are then the last iterate's.
     """
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -330,9 +335,22 @@ def logistic_regression(
 
     scaler = StandardScaler().fit(x_train)
     model = LogisticRegression(C=C, max_iter=max_iter, solver="lbfgs")
-    model.fit(scaler.transform(x_train), y_train)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(scaler.transform(x_train), y_train)
+    converged = True
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            converged = False
+        else:  # anything else is passed on as it came
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not converged:
+        logging.getLogger(__name__).warning(
+            "logistic regression: L-BFGS stopped at max_iter=%d before converging (C=%g); the accuracy is the "
+            "last iterate's", max_iter, C)
     proba = model.predict_proba(scaler.transform(x_test))
-    result = {"top1": _topk_accuracy(proba, model.classes_, y_test, 1)}
+    result: dict[str, Any] = {"top1": _topk_accuracy(proba, model.classes_, y_test, 1)}
     if model.classes_.size >= 5:
         result["top5"] = _topk_accuracy(proba, model.classes_, y_test, 5)
+    result["converged"] = converged
     return result
