@@ -30,7 +30,7 @@ is the one README's status column reads, after the GPU-budget table where a meth
 the 1,000-image table on the embedded data (a margin of about 3 points) is the one that reruns from
 a clone with nothing extracted.
 
-The demo section and the CPU kNN tables' rows were run on 2026-11-29 (jigsaw's on 2026-11-30) on a 2-core AMD EPYC with
+The demo section and the CPU kNN tables' rows were run on 2026-11-29 (a few on 2026-11-30, as their dates say) on a 2-core AMD EPYC with
 AVX-512 bf16, so `precision: auto` trained in bf16 autocast (the demo's three seeds ran alone, 34-37 s
 of training each; on the AVX2-only machine of 2026-11-23, in fp32, seed 2 took 117 s alone). Two to
 four kNN-table runs shared the two cores at a time (each on one thread), so its images/s compare
