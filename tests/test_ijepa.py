@@ -235,6 +235,20 @@ def test_cli_trains_a_few_steps_from_the_recipe(tmp_path):
         assert torch.allclose(vit.eval()(x), method.encode(x), atol=1e-5)
 
 
+def test_export_writes_the_encoder_that_encode_reads():
+    method = _method()
+    assert method.export_backbone() is method.backbone and method.export_note() == ""
+    target = _method("method.eval_encoder=target")
+    with torch.no_grad():
+        for p in target.target_backbone.parameters():
+            p.add_(0.1)  # the EMA encoder now differs from the context encoder
+    assert target.export_backbone() is target.target_backbone
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(target.eval().encode(x), target.target_backbone(x))
+        assert not torch.allclose(target.encode(x), target.backbone(x))
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     cfg = load_config(None, [*IJEPA_TINY, "data.limit=16", "data.batch_size=8", "trainer.epochs=3"])
     ck, a = resume_matches_straight(cfg, tmp_path, until_step=3)

@@ -329,6 +329,21 @@ def test_cli_trains_a_few_steps_from_the_recipe(tmp_path, name):
     assert ("rot_acc" if name == "rotation" else "jigsaw_acc") in (tmp_path / "r" / "metrics.csv").read_text()
 
 
+def test_jigsaw_export_says_how_its_features_are_read(tmp_path, capsys):
+    from safetensors import safe_open
+
+    tiny = [o for o in JIG_TINY if o != "method.name=jigsaw"]
+    train_recipe_two_steps("jigsaw", tmp_path, [*tiny, "method.tile_size=null"])
+    assert main(["export", str(tmp_path / "r"), str(tmp_path / "enc.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "note: jigsaw's evaluation feature is the mean of this backbone's features of the 3x3 grid's central 4-px " \
+           "tiles, each normalized" in out
+    with safe_open(str(tmp_path / "enc.safetensors"), framework="pt") as fh:
+        assert "central 4-px tiles" in fh.metadata()["note"]
+    # whole-image evaluation needs no note
+    assert _identity_jigsaw(["method.eval_input=image"]).export_note() == ""
+
+
 def test_jigsaw_resume_equals_uninterrupted(tmp_path):
     cfg = load_config(None, [*JIG_TINY, "trainer.max_steps=3"])
     ck, _ = resume_matches_straight(cfg, tmp_path, until_step=2)

@@ -197,6 +197,8 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 
     meta = export_encoder(args.checkpoint, args.out)
     print(f"wrote {meta['tensors']} tensors ({meta['library']} names) to {meta['path']}")
+    if meta.get("note"):
+        print(f"note: {meta['note']}")
     return 0
 
 

@@ -31,19 +31,22 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> dict:
     from selfsup.evaluate import load_method
 
     method, cfg, path = load_method(checkpoint)
-    tensors = method.backbone.export_state_dict()
+    encoder = method.export_backbone()  # the one encode() reads (I-JEPA: context or EMA target)
+    tensors = encoder.export_state_dict()
     backbone = cfg.to_dict()["backbone"]
-    built_size = getattr(getattr(method.backbone.model, "patch_embed", None), "img_size", None)
+    built_size = getattr(getattr(encoder.model, "patch_embed", None), "img_size", None)
     if backbone.get("img_size") is None and built_size is not None:
         backbone["img_size"] = int(built_size[0])  # ViTs: the side it was built for (default: the crop's)
     meta = {
         "format": "selfsup-encoder/1",
-        "library": method.backbone.family,
+        "library": encoder.family,
         "backbone": json.dumps(backbone),
         "method": cfg.method.name,
-        "out_dim": str(method.backbone.out_dim),
+        "out_dim": str(encoder.out_dim),
         "source_checkpoint": str(path),
     }
+    if method.export_note():
+        meta["note"] = method.export_note()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

@@ -89,6 +89,15 @@ class Method(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def export_backbone(self) -> nn.Module:
+        """The backbone ``selfsup export`` writes: the one ``encode`` reads."""
+        return self.backbone
+
+    def export_note(self) -> str:
+        """What a user of the exported backbone needs to reproduce ``encode`` beyond running it on the
+        image ('' when that is all ``encode`` does); ``selfsup export`` prints it and stores it."""
+        return ""
+
     def layout(self, x: torch.Tensor) -> torch.Tensor:
         """Put an image batch in the memory format the trainer chose (channels_last is ~1.5-3x
         faster for convnets on CPU with bf16 and on tensor-core GPUs)."""

@@ -39,9 +39,9 @@ to it) but its output is dropped, so neither the predictor nor the loss sees it.
 re-initialized as the official encoder (trunc-normal(0.02) Linear and patch-embedding weights)
 instead of the ViT's MAE init. ``encode`` is the backbone's pooled output: with
 ``backbone.pool: mean`` (set in the recipes) the average of the final-normed patch tokens, the
-official evaluation feature; it reads the context encoder, which is what ``selfsup export``
-writes, and ``method.eval_encoder: target`` reads the EMA target encoder as the official
-evaluation does. Masks (see ``multiblock_masking``): block positions range over the whole grid
+official evaluation feature; it reads the context encoder, and ``method.eval_encoder: target``
+reads the EMA target encoder as the official evaluation does; ``selfsup export`` writes the one
+``encode`` reads. Masks (see ``multiblock_masking``): block positions range over the whole grid
 (the official ``randint(0, H - h)`` never reaches the last row and column, which pins a 13x13
 context block to the top-left corner of a 14x14 grid), and ``min_keep`` binds the context only
 (the official collator also demands it of each target block, which never ends on small grids).
@@ -241,7 +241,10 @@ class IJEPA(Method):
         return StepOutput(loss=loss, metrics=metrics, embeddings=z.mean(dim=1).detach())
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.target_backbone if self.cfg.eval_encoder == "target" else self.backbone)(x)
+        return self.export_backbone()(x)
+
+    def export_backbone(self) -> nn.Module:
+        return self.target_backbone if self.cfg.eval_encoder == "target" else self.backbone
 
     def momentum(self, progress: Progress) -> float:
         """m for the update after optimizer step ``progress.step`` (update index step - 1)."""

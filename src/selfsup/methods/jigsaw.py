@@ -193,6 +193,14 @@ class Jigsaw(Method):
         feats = self._tile_features((normalize_tiles(tiles) if self.cfg.tile_norm else tiles).flatten(0, 1))
         return feats.reshape(batch, self.n_tiles, -1).mean(dim=1)
 
+    def export_note(self) -> str:
+        if (self.cfg.eval_input or self.cfg.input) == "image":
+            return ""
+        norm = ", each normalized to zero mean and unit std per channel" if self.cfg.tile_norm else ""
+        return (f"jigsaw's evaluation feature is the mean of this backbone's features of the {self.cfg.grid}x"
+                f"{self.cfg.grid} grid's central {self.tile}-px tiles{norm} (method.eval_input=tiles); on the "
+                f"whole image it computes method.eval_input=image's feature")
+
     def _tile_features(self, flat: torch.Tensor) -> torch.Tensor:
         """The backbone on tiles ``(N, C, t, t)``, resized to ``tile_input_size`` first if set."""
         if self.cfg.tile_input_size is not None and self.cfg.tile_input_size != self.tile:
