@@ -45,8 +45,9 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> dict:
         "out_dim": str(encoder.out_dim),
         "source_checkpoint": str(path),
     }
-    if method.export_note():
-        meta["note"] = method.export_note()
+    note = method.export_note()
+    if note:
+        meta["note"] = note
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")

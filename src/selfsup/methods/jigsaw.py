@@ -144,6 +144,7 @@ class Jigsaw(Method):
             raise ConfigError(f"method.tile_size={self.tile} does not fit a {cfg.grid}x{cfg.grid} grid of "
                               f"{self.cell}-px cells in the {size}-px view augment.views.0.size")
         self.n_tiles = cfg.grid * cfg.grid
+        self.eval_input = cfg.eval_input or cfg.input  # what encode() reads: as trained unless told
         # part of the model: the classifier's output k means permutation k; saved in checkpoints
         perms = hamming_permutations(cfg.n_permutations, self.n_tiles, cfg.perm_pool, cfg.perm_seed,
                                      cfg.perm_criterion)
@@ -178,23 +179,20 @@ class Jigsaw(Method):
         """Evaluation features of normalized images ``(B, C, S, S)``: the mean of the backbone's
         features of the grid's central tiles (``eval_input=tiles``, the default for tile training),
         or the backbone on the whole image."""
-        if (self.cfg.eval_input or self.cfg.input) == "image":
+        if self.eval_input == "image":
             return self.backbone(x)
         batch, channels, size = x.shape[0], x.shape[1], x.shape[-1]
-        cell = size // self.cfg.grid
-        if x.shape[-2] != size or self.tile > cell:
+        if x.shape[-2] != size or self.tile > size // self.cfg.grid:
             raise ConfigError(f"jigsaw's tile features need a square image of at least {self.cfg.grid * self.tile} px "
                               f"(got {tuple(x.shape[-2:])}); method.eval_input=image evaluates whole images")
-        idx = torch.arange(self.n_tiles, device=x.device)
-        offset = (size - self.cfg.grid * cell) // 2 + (cell - self.tile) // 2  # each cell's central tile
-        top = (offset + (idx // self.cfg.grid) * cell).view(1, -1, 1).expand(batch, -1, channels)
-        left = (offset + (idx % self.cfg.grid) * cell).view(1, -1, 1).expand(batch, -1, channels)
+        top, left = tile_positions(batch, size, self.cfg.grid, self.tile, channels=channels, device=x.device,
+                                   centred=True)  # each cell's central tile
         tiles = extract_tiles(x, top, left, self.tile)
         feats = self._tile_features((normalize_tiles(tiles) if self.cfg.tile_norm else tiles).flatten(0, 1))
         return feats.reshape(batch, self.n_tiles, -1).mean(dim=1)
 
     def export_note(self) -> str:
-        if (self.cfg.eval_input or self.cfg.input) == "image":
+        if self.eval_input == "image":
             return ""
         norm = ", each normalized to zero mean and unit std per channel" if self.cfg.tile_norm else ""
         return (f"jigsaw's evaluation feature is the mean of this backbone's features of the {self.cfg.grid}x"

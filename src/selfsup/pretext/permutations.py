@@ -162,12 +162,13 @@ def pairwise_hamming(perms: Tensor) -> Tensor:
 
 def tile_positions(batch: int, size: int, grid: int, tile: int, channel_jitter: int = 0,
                    color: Tensor | None = None, channels: int = 3, generator: torch.Generator | None = None,
-                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+                   device: torch.device | str = "cpu", centred: bool = False) -> tuple[Tensor, Tensor]:
     """Random top-left corners ``(top, left)``, each ``(batch, grid*grid, channels)`` int64, of the
     tiles of a ``size``-pixel square view, in row-major cell order.
 
     The ``grid * cell`` pixels used (``cell = size // grid``) are centred in the view; each tile
-    lies at a uniform random offset in ``[0, cell - tile]`` inside its cell (the paper's gap), the
+    lies at a uniform random offset in ``[0, cell - tile]`` inside its cell (the paper's gap), or
+    at ``(cell - tile) // 2`` with ``centred`` (evaluation: no jitter), the
     same for all channels; then each channel moves by a uniform integer in
     ``[-channel_jitter, channel_jitter]`` per axis (only where ``color`` is True, if given: a
     grayscale image has no chromatic aberration to hide), clamped to stay inside the view.
@@ -181,7 +182,10 @@ def tile_positions(batch: int, size: int, grid: int, tile: int, channel_jitter: 
     idx = torch.arange(n_tiles, device=device)
     base_top = origin + (idx // grid) * cell
     base_left = origin + (idx % grid) * cell
-    gap = torch.randint(0, cell - tile + 1, (2, batch, n_tiles, 1), generator=generator, device=device)
+    if centred:
+        gap = torch.full((2, batch, n_tiles, 1), (cell - tile) // 2, dtype=torch.long, device=device)
+    else:
+        gap = torch.randint(0, cell - tile + 1, (2, batch, n_tiles, 1), generator=generator, device=device)
     top = (base_top[None, :, None] + gap[0]).expand(batch, n_tiles, channels)
     left = (base_left[None, :, None] + gap[1]).expand(batch, n_tiles, channels)
     if channel_jitter > 0:
