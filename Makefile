@@ -10,7 +10,7 @@ PIN    := torch==2.14.1 torchvision==0.29.1
 
 # The pinned torch wheel brings its CUDA libraries: the venv takes about 6 GiB. A new venv checks the
 # free space first, so a full disk stops here with a clear message instead of deep inside pip.
-VENV_GB ?= 6.5
+VENV_GB ?= 6
 
 $(VENV)/.installed: pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -c "import os, shutil, sys; \
