@@ -1,3 +1,4 @@
+import datetime
 import json
 import math
 
@@ -68,7 +69,28 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"not a checkpoint")
     assert main(["eval", "knn", "--checkpoint", str(bad)]) == 2
-    assert "not a readable selfsup checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a readable selfsup checkpoint: not a complete PyTorch file" in err
+    assert "weights_only" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_truncated_foreign_and_mismatched_checkpoints_get_one_line_reasons(tmp_path, capsys):
+    whole = tmp_path / "whole.ckpt"
+    torch.save({"model": {"w": torch.zeros(256)}, "config": {}}, whole)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(data[: len(data) // 2])
+    foreign = tmp_path / "foreign.ckpt"  # a pickled object a weights_only load refuses
+    torch.save({"model": {}, "config": {}, "when": datetime.date(2026, 1, 1)}, foreign)
+    cases = {cut: "truncated, corrupted", foreign: "beyond tensors and plain containers",
+             # config {} builds the default SimCLR, whose weights the file lacks
+             whole: "weights missing from the file (e.g. backbone."}
+    for path, reason in cases.items():
+        assert main(["eval", "knn", "--checkpoint", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert reason in err, err
+        assert len(err.strip().splitlines()) == 1, err
+
 
 
 def test_nan_loss_skipped_then_stops_with_message(tmp_path, tiny_overrides, monkeypatch):

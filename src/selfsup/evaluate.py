@@ -13,7 +13,7 @@ from selfsup.config import Config, load_config
 from selfsup.errors import DataError
 from selfsup.eval import FeatureCache, extract_features, knn_classify, linear_probe, make_key
 from selfsup.methods.base import Method
-from selfsup.train.checkpoint import load_checkpoint
+from selfsup.train.checkpoint import load_checkpoint, load_weights
 from selfsup.train.trainer import build_method, resolve_device, resolve_precision
 
 
@@ -25,7 +25,7 @@ def load_method(checkpoint: str | Path, device: torch.device | str = "cpu",
     ckpt = load_checkpoint(path)
     cfg = load_config(base_tree=ckpt["config"], overrides=overrides)
     method = build_method(cfg)
-    method.load_state_dict(ckpt["model"])
+    load_weights(method, ckpt["model"], path)
     return method.to(device).eval(), cfg, path
 
 

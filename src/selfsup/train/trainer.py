@@ -35,7 +35,7 @@ from selfsup import __version__, dist
 from selfsup.config import Config, dump_config
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.methods.base import Method, Progress
-from selfsup.train.checkpoint import save_atomic
+from selfsup.train.checkpoint import load_weights, save_atomic
 from selfsup.train.monitor import CollapseMonitor
 from selfsup.train.optim import build_optimizer
 from selfsup.train.schedules import cosine_schedule
@@ -252,11 +252,11 @@ class Trainer:
         }
 
     def _load_state(self, ckpt: dict) -> None:
+        load_weights(self.method, ckpt["model"], "the resumed checkpoint")
         try:
-            self.method.load_state_dict(ckpt["model"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise ConfigError(f"checkpoint does not match this configuration: {err}") from None
+            raise ConfigError(f"the resumed checkpoint's optimizer state does not match this configuration: {err}") from None
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         pos = ckpt["position"]
