@@ -230,3 +230,31 @@ def test_two_view_methods_refuse_other_view_counts(name):
         local = load_config(recipe, ["augment.n_local=2", "augment.local={size: 16}"])
         with pytest.raises(ConfigError, match="and no local crops; augment.views has 2, augment.n_local=2"):
             build_method(local)
+
+
+def test_cli_output_paths_and_eval_settings_fail_in_one_line(tmp_path, tiny_overrides, capsys):
+    assert main(["pretrain", *tiny_overrides, "trainer.epochs=1", "trainer.run_name=io"]) == 0
+    run = tmp_path / "runs" / "io"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    capsys.readouterr()
+
+    # export under a path whose parent is a file: one line, and no temp file left behind
+    assert main(["export", str(run), str(blocker / "enc.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "could not write" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.tmp"))
+
+    # eval: an --out in new folders is made; one that cannot be made stops before the work
+    assert main(["eval", "knn", "--checkpoint", str(run), "--out", str(tmp_path / "new" / "dir" / "k.json")]) == 0
+    assert json.loads((tmp_path / "new" / "dir" / "k.json").read_text())["protocol"] == "knn"
+    capsys.readouterr()
+    assert main(["eval", "knn", "--checkpoint", str(run), "--out", str(blocker / "k.json")]) == 2
+    captured = capsys.readouterr()
+    assert "selfsup: error" in captured.err and len(captured.err.strip().splitlines()) == 1
+    assert "top1" not in captured.out, "the protocol ran before the output path was checked"
+
+    # few-shot with more ways than the data has classes
+    assert main(["eval", "fewshot", "--checkpoint", str(run), "--n-way", "50"]) == 2
+    err = capsys.readouterr().err
+    assert "only 10 classes qualify" in err and "--n-way" in err

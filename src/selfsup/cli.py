@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from selfsup import __version__
-from selfsup.errors import SelfSupError
+from selfsup.errors import ConfigError, SelfSupError
 
 EMBEDDED_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
@@ -124,6 +124,22 @@ def _print_pretrain_summary(summary: dict) -> None:
 # eval
 
 
+def _result_path(arg: str | None, default: Path) -> Path:
+    """Where an evaluation's JSON goes; its folder is made now, before the work, so an unwritable
+    ``--out`` fails in a second rather than after a long evaluation."""
+    out = Path(arg) if arg else default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _write_result(out: Path, result: dict) -> Path:
+    """An evaluation's JSON, written whole or not at all."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=float))
+    tmp.replace(out)
+    return out
+
+
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
@@ -136,6 +152,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.protocol == "finetune":
         return cmd_finetune(args, overrides)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
+    out = _result_path(args.out, path.parent / f"eval_{args.protocol}.json")
     method = method.to(memory_format=torch.channels_last)  # what training used; faster convs
     method.channels_last = True
     feats = labeled_features(method, cfg, device=device, source=args.data, train_split=args.train_split,
@@ -150,13 +167,15 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.protocol == "linear":
         result = run_linear(feats, epochs=args.epochs, optimizer=args.solver, seed=cfg.trainer.seed)
     elif args.protocol == "fewshot":
-        result = few_shot(feats[2], feats[3], n_way=args.n_way, episodes=args.episodes, seed=cfg.trainer.seed)
+        try:
+            result = few_shot(feats[2], feats[3], n_way=args.n_way, episodes=args.episodes, seed=cfg.trainer.seed)
+        except ValueError as err:  # too few classes for --n-way, or a setting out of range
+            raise ConfigError(f"{err}; change --n-way or --episodes") from None
     else:
         result = diagnose(feats[2], feats[3])
     result = {"protocol": args.protocol, "checkpoint": str(path), "data": args.data or cfg.data.source,
               "train_samples": int(feats[0].shape[0]), "test_samples": int(feats[2].shape[0]), **result}
-    out = Path(args.out) if args.out else path.parent / f"eval_{args.protocol}.json"
-    out.write_text(json.dumps(result, indent=2, default=float))
+    _write_result(out, result)
     print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss")}))
     print(f"saved {out}")
     return 0
@@ -173,12 +192,12 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
 
     device, _ = eval_device(args.device)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
+    out = _result_path(args.out, path.parent / "eval_finetune.json")
     train = load_split(cfg, args.train_split or cfg.data.train_split, args.data)
     test = load_split(cfg, args.test_split or cfg.data.test_split, args.data)
     result = finetune(method, train, test, epochs=args.epochs, device=device, seed=cfg.trainer.seed)
     result = {"protocol": "finetune", "checkpoint": str(path), "data": args.data or cfg.data.source, **result}
-    out = Path(args.out) if args.out else path.parent / "eval_finetune.json"
-    out.write_text(json.dumps(result, indent=2, default=float))
+    _write_result(out, result)
     print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss", "lr", "recipe")}))
     print(f"saved {out}")
     return 0
@@ -309,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, _split_overrides(extra))
     except SelfSupError as err:
         print(f"selfsup: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be written or read, a full disk: say which, no traceback
+        if args.verbose:
+            raise
+        print(f"selfsup: error: {err} (rerun with -v for the traceback)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfsup: interrupted", file=sys.stderr)

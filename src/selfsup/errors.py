@@ -19,3 +19,7 @@ class CheckpointError(SelfSupError):
 
 class TrainingError(SelfSupError):
     """Training had to stop (e.g. repeated non-finite losses); the last good checkpoint is kept."""
+
+
+class ExportError(SelfSupError):
+    """Exported weights could not be written (unwritable folder, full disk); nothing partial is left."""

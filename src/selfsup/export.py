@@ -14,16 +14,17 @@ the architecture from the file's metadata.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from selfsup.config import BackboneConfig
-from selfsup.errors import CheckpointError
+from selfsup.errors import CheckpointError, ExportError
 
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> dict:
@@ -49,10 +50,15 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> dict:
     if note:
         meta["note"] = note
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as err:  # unwritable folder, full disk: no half-written file
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ExportError(f"could not write {out}: {err}") from None
     return {**meta, "tensors": len(tensors), "path": str(out)}
 
 
