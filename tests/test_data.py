@@ -358,3 +358,22 @@ def test_too_small_dataset_raises() -> None:
     with pytest.raises(DataError, match="per rank"):
         BatchLoader(make_tiny_dataset(20), 8, rank=1, world_size=4)
     assert len(BatchLoader(make_tiny_dataset(10), 16, drop_last=False)) == 1
+
+
+def test_folder_without_test_split_is_scored_leave_one_out(tmp_path, tiny_overrides, capsys):
+    import json
+
+    from selfsup.cli import main
+
+    make_image_folder(tmp_path / "pets")  # cat/ and dog/, no train/ or test/: both splits are this folder
+    assert main(["pretrain", "--data", str(tmp_path / "pets"), *tiny_overrides, "data.batch_size=2",
+                 "trainer.epochs=1", "trainer.run_name=pets"]) == 0
+    out = capsys.readouterr().out
+    assert "leave-one-out" in out
+    knn = json.loads((tmp_path / "runs" / "pets" / "summary.json").read_text())["knn"]
+    assert knn["leave_one_out"] is True and knn["bank_samples"] == knn["test_samples"] == 6
+    assert set(knn["trained"]) == {"k5"}  # k clamped to the 5 other images, not the 6 with itself
+
+    assert main(["eval", "knn", "--checkpoint", str(tmp_path / "runs" / "pets")]) == 0
+    result = json.loads((tmp_path / "runs" / "pets" / "eval_knn.json").read_text())
+    assert result["leave_one_out"] is True and result["test_is_train"] is True

@@ -120,6 +120,27 @@ def test_knn_hand_votes_with_distinct_winners() -> None:
     assert result["k3"]["top1"] == pytest.approx(50.0)
 
 
+def test_knn_leave_one_out_hand_computed() -> None:
+    # Two tight pairs whose members carry different labels: each point's nearest *other* point has
+    # the other label, so leave-one-out k=1 gets every query wrong, while scoring the bank against
+    # itself finds each query's own feature first and gets every one right.
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.0], [-0.9, -0.1]])
+    labels = torch.tensor([0, 1, 1, 0])
+    assert knn_classify(bank, labels, bank, labels, ks=(1,))["k1"]["top1"] == pytest.approx(100.0)
+    assert knn_classify(bank, labels, bank, labels, ks=(1,), leave_one_out=True)["k1"]["top1"] == 0.0
+    # k=3 out of the 3 others: query 0 sees 1 (cos .994, label 1), 3 (cos -.994, 0), 2 (cos -1, 1);
+    # label 1 gets exp(.994/T) + exp(-1/T) > exp(-.994/T): wrong again. k is clamped to N - 1 = 3.
+    result = knn_classify(bank, labels, bank, labels, ks=(3, 4), leave_one_out=True)
+    assert set(result) == {"k3"} and result["k3"]["top1"] == 0.0
+    # chunks of one query: the left-out entry must follow the chunk's offset
+    x, y = gaussian_clusters(50, spread=3.0, seed=6)
+    whole = knn_classify(x, y, x, y, ks=(5,), leave_one_out=True)
+    assert knn_classify(x, y, x, y, ks=(5,), leave_one_out=True, chunk_size=1) == whole
+    assert whole["k5"]["top1"] < knn_classify(x, y, x, y, ks=(5,))["k5"]["top1"]
+    with pytest.raises(ValueError, match="leave_one_out"):
+        knn_classify(x, y, x[:10], y[:10], leave_one_out=True)
+
+
 def test_knn_chunked_equals_unchunked() -> None:
     train_x, train_y = gaussian_clusters(600, spread=1.5, seed=2)
     test_x, test_y = gaussian_clusters(137, spread=1.5, seed=3)
@@ -129,12 +150,14 @@ def test_knn_chunked_equals_unchunked() -> None:
     assert whole["k20"]["top1"] < 100.0  # noisy enough to be a real comparison
 
 
-def test_knn_clamps_k_and_rejects_unlabeled_bank() -> None:
+def test_knn_clamps_k_and_rejects_unlabeled_bank(caplog) -> None:
     train_x, train_y = gaussian_clusters(30, num_classes=3, seed=4)
     test_x, test_y = gaussian_clusters(9, num_classes=3, seed=5)
-    with pytest.warns(UserWarning, match="larger than the feature bank"):
+    with caplog.at_level("WARNING", logger="selfsup.eval.knn"):
         result = knn_classify(train_x, train_y, test_x, test_y, ks=(20, 200))
     assert set(result) == {"k20", "k30"}
+    assert [r.getMessage() for r in caplog.records] == [
+        "k=200 is larger than the feature bank (30 samples); using k=30"]
     bad_labels = train_y.clone()
     bad_labels[3] = -1
     with pytest.raises(ValueError, match="unlabeled"):

@@ -101,6 +101,8 @@ def _print_pretrain_summary(summary: dict) -> None:
             gain = knn["trained"][k]["top1"] - rand
             rows.append((f"kNN top-1 ({k}), random init", f"{rand:.2f}%"))
             rows.append(("gain from pretraining", f"{gain:+.2f} points"))
+        if knn.get("leave_one_out"):
+            rows.append(("kNN scored on", "the training images, leave-one-out (the data has no test split)"))
     elif "skipped" in knn:
         rows.append(("kNN", f"skipped: {knn['skipped']}"))
     rows.append(("training time", f"{t['train_seconds']:.1f} s"))
@@ -144,7 +146,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from selfsup.eval import diagnose, few_shot, format_table
-    from selfsup.evaluate import checkpoint_tag, eval_device, labeled_features, load_method, run_knn, run_linear
+    from selfsup.evaluate import (checkpoint_tag, eval_device, labeled_features, load_method, run_knn, run_linear,
+                                  same_images)
 
     device, precision = eval_device(args.device)
     if args.precision:
@@ -158,6 +161,11 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     feats = labeled_features(method, cfg, device=device, source=args.data, train_split=args.train_split,
                              test_split=args.test_split, cache_dir=path.parent / "features",
                              cache_tag=checkpoint_tag(path), precision=precision)
+    same = same_images(feats)
+    if same and args.protocol == "linear":
+        print("selfsup: warning: the test split is the training split (no test/ folder): the probe is "
+              "scored on the images it was fit on; pass --test-split or a folder with train/ and test/",
+              file=sys.stderr)
     if args.protocol == "knn":
         result = run_knn(feats, cfg)
     elif args.protocol == "linear" and args.solver == "lbfgs":  # small sets: exact logistic regression
@@ -174,7 +182,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         result = diagnose(feats[2], feats[3])
     result = {"protocol": args.protocol, "checkpoint": str(path), "data": args.data or cfg.data.source,
-              "train_samples": int(feats[0].shape[0]), "test_samples": int(feats[2].shape[0]), **result}
+              "train_samples": int(feats[0].shape[0]), "test_samples": int(feats[2].shape[0]),
+              **({"test_is_train": True, "leave_one_out": args.protocol == "knn"} if same else {}), **result}
     _write_result(out, result)
     print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss")}))
     print(f"saved {out}")

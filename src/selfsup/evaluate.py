@@ -90,10 +90,18 @@ def checkpoint_tag(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def same_images(feats: tuple) -> bool:
+    """True when the test split is the bank split itself (a folder without train/ and test/
+    subfolders serves both): identical labels and features, in the same order."""
+    train_f, train_l, test_f, test_l = feats[:4]
+    return (train_f.shape == test_f.shape and torch.equal(train_l, test_l) and torch.equal(train_f, test_f))
+
+
 def run_knn(feats: tuple, cfg: Config) -> dict:
+    """kNN top-1/top-5 per k; leave-one-out when the test split is the bank (see ``same_images``)."""
     train_f, train_l, test_f, test_l = feats[:4]
     return knn_classify(train_f, train_l, test_f, test_l, ks=tuple(cfg.eval.knn_k),
-                        temperature=cfg.eval.knn_temperature)
+                        temperature=cfg.eval.knn_temperature, leave_one_out=same_images(feats))
 
 
 def run_linear(feats: tuple, **kwargs) -> dict:
@@ -107,7 +115,7 @@ def final_knn(method: Method, cfg: Config, device: torch.device, precision: str)
     ``test_samples`` say how many labeled images the scores rest on."""
     feats = labeled_features(method, cfg, device=device, precision=precision)
     result = {"trained": run_knn(feats, cfg), "bank_samples": int(feats[0].shape[0]),
-              "test_samples": int(feats[2].shape[0])}
+              "test_samples": int(feats[2].shape[0]), "leave_one_out": same_images(feats)}
     if cfg.eval.compare_random_init:
         rand = build_method(cfg).to(device)
         if getattr(method, "channels_last", False):

@@ -20,7 +20,7 @@ per chunk; every smaller k reuses the leading columns of the same sorted
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["knn_classify"]
+
+log = logging.getLogger(__name__)
 
 # Similarity entries per chunk (chunk_size * bank_size) when chunk_size is not given:
 # 2**25 float32 entries = 128 MiB, large enough for efficient matmuls, small enough for any machine.
@@ -47,18 +49,15 @@ def _check_labels(labels: Tensor, name: str, num_rows: int) -> Tensor:
 
 
 def _effective_ks(ks: Sequence[int], bank_size: int) -> list[int]:
-    """Sorted distinct k values, clamped (with a warning) to the bank size."""
+    """Sorted distinct k values, clamped (with a logged warning) to the bank size."""
     if not ks:
         raise ValueError("ks must contain at least one k")
     result: list[int] = []
     for k in ks:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if k > bank_size:
-            warnings.warn(
-                f"k={k} is larger than the feature bank ({bank_size} samples); using k={bank_size}",
-                stacklevel=3,
-            )
+        if k > bank_size:  # one log line; a warnings.warn would print a line of torch's decorator
+            log.warning("k=%d is larger than the feature bank (%d samples); using k=%d", k, bank_size, bank_size)
             k = bank_size
         if k not in result:
             result.append(k)
@@ -93,6 +92,7 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int | None = None,
+    leave_one_out: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Weighted kNN accuracy of ``test_feats`` against the ``train_feats`` bank.
 
@@ -108,6 +108,10 @@ def knn_classify(
         num_classes: number of classes ``C``; inferred from the labels when ``None``.
         chunk_size: queries per similarity block; by default sized so one block
             of ``chunk_size x N`` similarities is about 128 MiB.
+        leave_one_out: the queries are the bank itself, in the same order (a dataset
+            without a separate test split): query ``i`` never votes for itself, and k is
+            clamped to ``N - 1``. Without it, each query's nearest neighbour is its own
+            feature (cosine 1) and the score says little.
 
     Returns:
         ``{"k20": {"top1": %, "top5": %}, "k200": {...}}``. ``top5`` is only
@@ -129,7 +133,10 @@ def knn_classify(
         num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
     elif int(max(bank_labels.max(), query_labels.max())) >= num_classes:
         raise ValueError(f"labels go beyond num_classes={num_classes}")
-    k_values = _effective_ks(ks, train_feats.shape[0])
+    if leave_one_out and (train_feats.shape[0] != test_feats.shape[0] or train_feats.shape[0] < 2):
+        raise ValueError(f"leave_one_out needs the bank as the queries (N >= 2), got "
+                         f"{train_feats.shape[0]} bank and {test_feats.shape[0]} query samples")
+    k_values = _effective_ks(ks, train_feats.shape[0] - int(leave_one_out))
     k_max = k_values[-1]
     step = chunk_size if chunk_size is not None else _auto_chunk_size(train_feats.shape[0])
     if step < 1:
@@ -143,6 +150,9 @@ def knn_classify(
         queries = F.normalize(test_feats[start : start + step].to(device, torch.float32), dim=1)
         targets = query_labels[start : start + step]
         similarity = queries @ bank_t  # (q, N) cosine similarities
+        if leave_one_out:  # query start + i is bank entry start + i
+            rows = torch.arange(similarity.shape[0], device=similarity.device)
+            similarity[rows, rows + start] = float("-inf")
         top_sim, top_idx = similarity.topk(k_max, dim=1, largest=True, sorted=True)
         del similarity
         weights = top_sim.div_(temperature).exp_()
