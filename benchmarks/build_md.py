@@ -15,7 +15,7 @@ from _common import test_images, verdict
 from knn_table import _epochs
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["demo_knn", "knn_table_gpu", "knn_table_gpu_ijepa_lr", "knn_table_gpu_jigsaw_image", "knn_table_c10k", "knn_table_c10k_seed1", "knn_table", "knn_tuning", "augment_speed", "eval_speed"]
+ORDER = ["demo_knn", "knn_table_gpu", "knn_table_gpu_ijepa_lr", "knn_table_gpu_jigsaw_image", "knn_table_c10k", "knn_table_c10k_seed1", "knn_table", "knn_tuning", "lightly_speed", "step_overhead", "augment_speed", "eval_speed"]
 
 INTRO = """# Benchmarks
 
