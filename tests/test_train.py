@@ -92,7 +92,6 @@ def test_truncated_foreign_and_mismatched_checkpoints_get_one_line_reasons(tmp_p
         assert len(err.strip().splitlines()) == 1, err
 
 
-
 def test_nan_loss_skipped_then_stops_with_message(tmp_path, tiny_overrides, monkeypatch):
     cfg = load_config(None, [*tiny_overrides, "trainer.epochs=3", "trainer.max_bad_steps=3"])
     trainer = Trainer(cfg, run_dir=tmp_path / "run")
@@ -245,14 +244,16 @@ def test_cli_output_paths_and_eval_settings_fail_in_one_line(tmp_path, tiny_over
     assert "could not write" in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("*.tmp"))
 
-    # eval: an --out in new folders is made; one that cannot be made stops before the work
+    # eval: an --out that cannot be made stops before the work (no features extracted and cached);
+    # one in new folders is made
+    assert main(["eval", "knn", "--checkpoint", str(run), "--out", str(blocker / "k.json")]) == 2
+    err = capsys.readouterr().err
+    assert "selfsup: error" in err and len(err.strip().splitlines()) == 1
+    assert not list(run.glob("features/*")), "features were extracted before the output path was checked"
     assert main(["eval", "knn", "--checkpoint", str(run), "--out", str(tmp_path / "new" / "dir" / "k.json")]) == 0
     assert json.loads((tmp_path / "new" / "dir" / "k.json").read_text())["protocol"] == "knn"
+    assert list(run.glob("features/*")), "eval caches features (else the check above proves nothing)"
     capsys.readouterr()
-    assert main(["eval", "knn", "--checkpoint", str(run), "--out", str(blocker / "k.json")]) == 2
-    captured = capsys.readouterr()
-    assert "selfsup: error" in captured.err and len(captured.err.strip().splitlines()) == 1
-    assert "top1" not in captured.out, "the protocol ran before the output path was checked"
 
     # few-shot with more ways than the data has classes
     assert main(["eval", "fewshot", "--checkpoint", str(run), "--n-way", "50"]) == 2
