@@ -259,3 +259,17 @@ def test_cli_output_paths_and_eval_settings_fail_in_one_line(tmp_path, tiny_over
     assert main(["eval", "fewshot", "--checkpoint", str(run), "--n-way", "50"]) == 2
     err = capsys.readouterr().err
     assert "only 10 classes qualify" in err and "--n-way" in err
+
+
+def test_write_text_atomic_replaces_whole_or_leaves_old(tmp_path):
+    from selfsup.train.checkpoint import write_text_atomic
+
+    target = tmp_path / "summary.json"
+    write_text_atomic(target, "old")
+    write_text_atomic(target, "new")
+    assert target.read_text() == "new"
+    folder = tmp_path / "a_folder"  # os.replace of a file over a folder fails: no temp file may stay
+    folder.mkdir()
+    with pytest.raises(OSError):
+        write_text_atomic(folder, "text")
+    assert folder.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["a_folder", "summary.json"]

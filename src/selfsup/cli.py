@@ -134,20 +134,13 @@ def _result_path(arg: str | None, default: Path) -> Path:
     return out
 
 
-def _write_result(out: Path, result: dict) -> Path:
-    """An evaluation's JSON, written whole or not at all."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(out)
-    return out
-
-
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from selfsup.eval import diagnose, few_shot, format_table
     from selfsup.evaluate import (checkpoint_tag, eval_device, labeled_features, load_method, run_knn, run_linear,
                                   same_images)
+    from selfsup.train.checkpoint import write_text_atomic
 
     device, precision = eval_device(args.device)
     if args.precision:
@@ -184,7 +177,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     result = {"protocol": args.protocol, "checkpoint": str(path), "data": args.data or cfg.data.source,
               "train_samples": int(feats[0].shape[0]), "test_samples": int(feats[2].shape[0]),
               **({"test_is_train": True, "leave_one_out": args.protocol == "knn"} if same else {}), **result}
-    _write_result(out, result)
+    write_text_atomic(out, json.dumps(result, indent=2, default=float))
     print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss")}))
     print(f"saved {out}")
     return 0
@@ -198,6 +191,7 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     from selfsup.eval import format_table
     from selfsup.eval.finetune import finetune
     from selfsup.evaluate import eval_device, load_method, load_split
+    from selfsup.train.checkpoint import write_text_atomic
 
     device, _ = eval_device(args.device)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
@@ -206,7 +200,7 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     test = load_split(cfg, args.test_split or cfg.data.test_split, args.data)
     result = finetune(method, train, test, epochs=args.epochs, device=device, seed=cfg.trainer.seed)
     result = {"protocol": "finetune", "checkpoint": str(path), "data": args.data or cfg.data.source, **result}
-    _write_result(out, result)
+    write_text_atomic(out, json.dumps(result, indent=2, default=float))
     print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss", "lr", "recipe")}))
     print(f"saved {out}")
     return 0

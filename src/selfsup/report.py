@@ -47,7 +47,6 @@ import html
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ import torch
 from torch import nn
 
 from selfsup.errors import CheckpointError, SelfSupError
+from selfsup.train.checkpoint import write_text_atomic
 from selfsup.train.monitor import STD_ALARM, UNIFORM_ALARM
 
 log = logging.getLogger("selfsup")
@@ -888,10 +888,7 @@ def write_report(run_dir: str | Path, *, data: str | None = None, max_points: in
             results.append(_render(out_dir, key, title, caption, fn))
 
     path = out_dir / "report.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(_html(run_dir, _header_rows(summary, cfg_tree, metrics), results, config_text),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, _html(run_dir, _header_rows(summary, cfg_tree, metrics), results, config_text))
     return path
 
 

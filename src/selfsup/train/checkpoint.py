@@ -31,6 +31,19 @@ def save_atomic(obj: Any, path: str | Path) -> None:
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, then os.replace over it: readers see the old
+    file or the whole new one, never half of it (summary.json, eval results, report.html)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load with ``weights_only=True`` (no arbitrary code from the file). A run directory is
     accepted too and means its ``last.ckpt``."""

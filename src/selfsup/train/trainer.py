@@ -35,7 +35,7 @@ from selfsup import __version__, dist
 from selfsup.config import Config, dump_config
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.methods.base import Method, Progress
-from selfsup.train.checkpoint import load_weights, save_atomic
+from selfsup.train.checkpoint import load_weights, save_atomic, write_text_atomic
 from selfsup.train.monitor import CollapseMonitor
 from selfsup.train.optim import build_optimizer
 from selfsup.train.schedules import cosine_schedule
@@ -459,10 +459,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def write_summary(summary: dict, run_dir: str | Path) -> None:
-    path = Path(run_dir) / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
 # --------------------------------------------------------------------------------------
