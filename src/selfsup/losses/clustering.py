@@ -2,10 +2,10 @@
 Sinkhorn-Knopp codes and DINO's cross-entropy to a centered, sharpened teacher.
 
 Targets (codes, teacher probabilities) carry no gradient. Everything runs in float32 even under
-autocast: Sinkhorn exponentiates scores / 0.05 (e^20), and DINO's softmax over 65,536 outputs
-at temperature 0.04 loses most of its mass to rounding in bf16. Cross-rank statistics (the
-Sinkhorn marginals, the DINO center) go through ``selfsup.dist``, so one process and many GPUs
-share one code path.
+autocast (``fp32_loss``): Sinkhorn exponentiates scores / 0.05 (e^20), and DINO's softmax over
+65,536 outputs at temperature 0.04 loses most of its mass to rounding in bf16. Cross-rank
+statistics (the Sinkhorn marginals, the DINO center) go through ``selfsup.dist``, so one process
+and many GPUs share one code path.
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import dist
+from selfsup.losses._precision import autocast_off, fp32_loss
 
 __all__ = ["sinkhorn_knopp", "swav_loss", "dino_loss", "dino_center_update"]
 
 
 @torch.no_grad()
+@fp32_loss
 def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
     r"""Soft codes Q of SwAV (Caron et al. 2020, sec. 3.1 and Algorithm 1 / appendix A.1).
 
@@ -54,20 +56,20 @@ def sinkhorn_knopp(scores: torch.Tensor, epsilon: float = 0.05, iterations: int 
         raise ValueError(f"epsilon must be > 0, got {epsilon}")
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    with torch.autocast(scores.device.type, enabled=False):
-        s = scores.detach().float()
-        # subtracting one global constant leaves Q unchanged and keeps exp() from overflowing; scores
-        # spread over more than ~80ε would underflow whole rows (cosines with ε >= 0.025 are safe)
-        top = dist.gather(s.max().reshape(1), grad=False).max()
-        q = torch.exp((s - top) / epsilon).T  # (K, B): prototypes x samples
-        n_protos, n_samples = q.shape[0], q.shape[1] * dist.world_size()
-        q /= dist.all_reduce_sum(q.sum())
-        for _ in range(iterations):
-            q /= dist.all_reduce_sum(q.sum(dim=1, keepdim=True)) * n_protos  # rows: 1/K each
-            q /= q.sum(dim=0, keepdim=True) * n_samples  # columns: 1/B each
-        return (q * n_samples).T  # each sample's code sums to 1
+    s = scores.detach()
+    # subtracting one global constant leaves Q unchanged and keeps exp() from overflowing; scores
+    # spread over more than ~80ε would underflow whole rows (cosines with ε >= 0.025 are safe)
+    top = dist.gather(s.max().reshape(1), grad=False).max()
+    q = torch.exp((s - top) / epsilon).T  # (K, B): prototypes x samples
+    n_protos, n_samples = q.shape[0], q.shape[1] * dist.world_size()
+    q /= dist.all_reduce_sum(q.sum())
+    for _ in range(iterations):
+        q /= dist.all_reduce_sum(q.sum(dim=1, keepdim=True)) * n_protos  # rows: 1/K each
+        q /= q.sum(dim=0, keepdim=True) * n_samples  # columns: 1/B each
+    return (q * n_samples).T  # each sample's code sums to 1
 
 
+@fp32_loss
 def swav_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float = 0.1) -> torch.Tensor:
     r"""SwAV's swapped prediction (Caron et al. 2020, eq. 1-2, multi-crop sec. 3.2).
 
@@ -99,16 +101,16 @@ def swav_loss(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], tem
     n_crops = len(scores)
     if not 1 <= len(codes) <= n_crops or n_crops < 2:
         raise ValueError(f"swav_loss needs >= 2 crops and 1..{n_crops} codes, got {n_crops} and {len(codes)}")
-    with torch.autocast(scores[0].device.type, enabled=False):
-        log_p = [F.log_softmax(s.float() / temperature, dim=1) for s in scores]
-        total = scores[0].new_zeros((), dtype=torch.float32)
-        for i, q in enumerate(codes):
-            q = q.detach().float()
-            sub = sum(-(q * log_p[v]).sum(dim=1).mean() for v in range(n_crops) if v != i)
-            total = total + sub / (n_crops - 1)
-        return total / len(codes)
+    log_p = [F.log_softmax(s / temperature, dim=1) for s in scores]
+    total = scores[0].new_zeros(())
+    for i, q in enumerate(codes):
+        q = q.detach()
+        sub = sum(-(q * log_p[v]).sum(dim=1).mean() for v in range(n_crops) if v != i)
+        total = total + sub / (n_crops - 1)
+    return total / len(codes)
 
 
+@fp32_loss
 def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], center: torch.Tensor,
               student_temp: float = 0.1, teacher_temp: float = 0.04) -> torch.Tensor:
     r"""DINO's self-distillation loss (Caron et al. 2021, eq. 2-3 and Algorithm 1).
@@ -142,16 +144,15 @@ def dino_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], 
     n_global, n_crops = len(teacher), len(student)
     if not 1 <= n_global <= n_crops or n_crops < 2:
         raise ValueError(f"dino_loss needs >= 2 student crops and 1..{n_crops} teacher crops")
-    with torch.autocast(student[0].device.type, enabled=False):
-        log_p = [F.log_softmax(s.float() / student_temp, dim=-1) for s in student]
-        c = center.detach().float().reshape(1, -1)
-        total = student[0].new_zeros((), dtype=torch.float32)
-        for t, out in enumerate(teacher):
-            p_t = F.softmax((out.detach().float() - c) / teacher_temp, dim=-1)
-            for s in range(n_crops):
-                if s != t:
-                    total = total + (-(p_t * log_p[s]).sum(dim=-1)).mean()
-        return total / (n_global * (n_crops - 1))
+    log_p = [F.log_softmax(s / student_temp, dim=-1) for s in student]
+    c = center.detach().reshape(1, -1)
+    total = student[0].new_zeros(())
+    for t, out in enumerate(teacher):
+        p_t = F.softmax((out.detach() - c) / teacher_temp, dim=-1)
+        for s in range(n_crops):
+            if s != t:
+                total = total + (-(p_t * log_p[s]).sum(dim=-1)).mean()
+    return total / (n_global * (n_crops - 1))
 
 
 @torch.no_grad()
@@ -169,7 +170,7 @@ def dino_center_update(center: torch.Tensor, teacher: torch.Tensor | Sequence[to
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     out = torch.cat(list(teacher)) if not torch.is_tensor(teacher) else teacher
-    with torch.autocast(out.device.type, enabled=False):
+    with autocast_off(out):  # not fp32_loss: the result keeps ``center``'s dtype
         out = out.detach().float()
         total = dist.all_reduce_sum(out.sum(dim=0))
         count = out.shape[0] * dist.world_size()

@@ -2,7 +2,7 @@
 
 Every function takes the local (per-rank) tensors; where the objective needs the whole global
 batch it calls ``selfsup.dist.gather`` itself, so the same code runs on one CPU process and on
-many GPUs.
+many GPUs. Similarities and logits are float32 even under autocast (``fp32_loss``).
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import dist
+from selfsup.losses._precision import fp32_loss
 
 __all__ = ["nt_xent"]
 
 
+@fp32_loss
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, gather: bool = True) -> torch.Tensor:
     r"""NT-Xent, the normalized temperature-scaled cross entropy of SimCLR (Chen et al. 2020, eq. 1).
 
@@ -41,8 +43,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *, gat
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = z1.shape[0]
-    z1 = F.normalize(z1.float(), dim=1)
-    z2 = F.normalize(z2.float(), dim=1)
+    z1 = F.normalize(z1, dim=1)  # float32 (fp32_loss): the logits are cosines / τ, with τ down to 0.1
+    z2 = F.normalize(z2, dim=1)
     k1 = dist.gather(z1) if gather else z1
     k2 = dist.gather(z2) if gather else z2
     keys = torch.cat([k1, k2])  # (2N, d): all views of the global batch

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from selfsup.losses._precision import autocast_off, fp32_loss
+
 __all__ = ["data2vec_targets", "data2vec_loss"]
 
 
@@ -52,19 +54,22 @@ def data2vec_targets(layers: Sequence[torch.Tensor], top_k: int, *, instance_nor
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    chosen = [t.float() for t in layers[-top_k:]]
-    if instance_norm_layers:
-        chosen = [F.instance_norm(t.transpose(1, 2)).transpose(1, 2) for t in chosen]
-    if layer_norm_layers:
-        chosen = [F.layer_norm(t, t.shape[-1:]) for t in chosen]
-    y = torch.stack(chosen).mean(dim=0)
-    if layer_norm_targets:
-        y = F.layer_norm(y, y.shape[-1:])
-    if instance_norm_targets:
-        y = F.instance_norm(y.transpose(1, 2)).transpose(1, 2)
-    return y
+    # not fp32_loss: only the top K of the L layers are cast to float32
+    with autocast_off(layers[-1]):
+        chosen = [t.float() for t in layers[-top_k:]]
+        if instance_norm_layers:
+            chosen = [F.instance_norm(t.transpose(1, 2)).transpose(1, 2) for t in chosen]
+        if layer_norm_layers:
+            chosen = [F.layer_norm(t, t.shape[-1:]) for t in chosen]
+        y = torch.stack(chosen).mean(dim=0)
+        if layer_norm_targets:
+            y = F.layer_norm(y, y.shape[-1:])
+        if instance_norm_targets:
+            y = F.instance_norm(y.transpose(1, 2)).transpose(1, 2)
+        return y
 
 
+@fp32_loss
 def data2vec_loss(pred: torch.Tensor, target: torch.Tensor, *, scale: float | None = None,
                   beta: float = 0.0) -> torch.Tensor:
     r"""data2vec 2.0's regression loss, as the official ``d2v_loss`` plus its reduction:
@@ -91,8 +96,8 @@ def data2vec_loss(pred: torch.Tensor, target: torch.Tensor, *, scale: float | No
         >>> loss = data2vec_loss(p, y)   # about 2 * sqrt(768) for independent unit-variance inputs
     """
     d = pred.shape[-1]
-    p = pred.reshape(-1, d).float()
-    y = target.reshape(-1, d).detach().float()
+    p = pred.reshape(-1, d)
+    y = target.reshape(-1, d).detach()
     if beta == 0:
         err = (p - y).pow(2)
     else:

@@ -4,8 +4,8 @@ Sinkhorn-Knopp centering of the teacher. DINO's own cross-entropy and EMA center
 ``selfsup.losses.dino_loss`` / ``dino_center_update``; with Sinkhorn targets, DINO's loss is
 ``selfsup.losses.swav_loss`` (the same pair average over soft targets).
 
-Everything runs in float32 even under autocast (softmax over 65,536 prototypes at temperature
-0.04-0.07, and exp(x / 0.04) in Sinkhorn, lose most of their mass in bf16).
+Everything runs in float32 even under autocast (``fp32_loss``; softmax over 65,536 prototypes at
+temperature 0.04-0.07, and exp(x / 0.04) in Sinkhorn, lose most of their mass in bf16).
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfsup.losses._precision import fp32_loss
 from selfsup.losses.clustering import sinkhorn_knopp
 
 __all__ = ["ibot_patch_loss", "koleo_loss", "sinkhorn_knopp_teacher"]
 
 
+@fp32_loss
 def ibot_patch_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
                     student_temp: float = 0.1) -> torch.Tensor:
     r"""iBOT's masked-image-modeling loss as DINOv2 computes it (Zhou et al. 2022 eq. 2; DINOv2
@@ -57,15 +59,15 @@ def ibot_patch_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Te
     n_masked = int(student.shape[0])
     if teacher.shape != student.shape:
         raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
-    with torch.autocast(student.device.type, enabled=False):
-        weight = (1.0 / mask.sum(dim=1).clamp(min=1).float()).unsqueeze(1).expand(mask.shape)[mask]  # (M,)
-        if weight.shape[0] != n_masked:
-            raise ValueError(f"{n_masked} student rows for {weight.shape[0]} masked patches")
-        log_p = F.log_softmax(student.float() / student_temp, dim=-1)
-        ce = -(teacher.detach().float() * log_p).sum(dim=-1)
-        return (ce * weight).sum() / mask.shape[0]
+    weight = (1.0 / mask.sum(dim=1).clamp(min=1).float()).unsqueeze(1).expand(mask.shape)[mask]  # (M,)
+    if weight.shape[0] != n_masked:
+        raise ValueError(f"{n_masked} student rows for {weight.shape[0]} masked patches")
+    log_p = F.log_softmax(student / student_temp, dim=-1)
+    ce = -(teacher.detach() * log_p).sum(dim=-1)
+    return (ce * weight).sum() / mask.shape[0]
 
 
+@fp32_loss
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     r"""Kozachenko-Leonenko differential-entropy estimator as a regularizer (Sablayrolles, Douze,
     Schmid, Jégou 2019, "Spreading vectors for similarity search", ICLR; DINOv2 sec. 4 "KoLeo
@@ -89,14 +91,13 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"koleo_loss needs (n >= 2, d) features, got {tuple(x.shape)}")
-    with torch.autocast(x.device.type, enabled=False):
-        x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
-        with torch.no_grad():  # the nearest neighbour is an index: no gradient through the choice
-            dots = x @ x.T
-            dots.fill_diagonal_(-2.0)  # below any cosine: never one's own neighbour
-            nn_idx = dots.argmax(dim=1)
-        dist = F.pairwise_distance(x, x[nn_idx], p=2, eps=eps)
-        return -torch.log(dist + eps).mean()
+    x = F.normalize(x, p=2, dim=-1, eps=eps)
+    with torch.no_grad():  # the nearest neighbour is an index: no gradient through the choice
+        dots = x @ x.T
+        dots.fill_diagonal_(-2.0)  # below any cosine: never one's own neighbour
+        nn_idx = dots.argmax(dim=1)
+    dist = F.pairwise_distance(x, x[nn_idx], p=2, eps=eps)
+    return -torch.log(dist + eps).mean()
 
 
 @torch.no_grad()

@@ -13,9 +13,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from selfsup.losses._precision import fp32_loss
+
 __all__ = ["ijepa_loss"]
 
 
+@fp32_loss
 def ijepa_loss(pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor | Sequence[torch.Tensor], *,
                beta: float = 1.0) -> torch.Tensor:
     r"""I-JEPA's prediction loss (Assran et al. 2023, eq. 1, with the official code's smooth-L1):
@@ -38,7 +41,7 @@ def ijepa_loss(pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor
             all the same shape: they are concatenated).
         target: same shape(s); the target encoder's layer-normed features of the same tokens.
         beta: the smooth-L1 threshold (1.0 as ``F.smooth_l1_loss``'s default).
-    Returns: a float32 scalar.
+    Returns: a float32 scalar (computed in float32 even under autocast).
 
     Example:
         >>> p, h = torch.randn(4 * 8, 12, 192), torch.randn(4 * 8, 12, 192)
@@ -48,4 +51,4 @@ def ijepa_loss(pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor
         pred, target = torch.cat(list(pred)), torch.cat(list(target))
     if pred.shape != target.shape:
         raise ValueError(f"ijepa_loss: predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ")
-    return F.smooth_l1_loss(pred.float(), target.detach().float(), beta=beta)
+    return F.smooth_l1_loss(pred, target.detach(), beta=beta)

@@ -1,6 +1,6 @@
 """Masked image modeling with discrete targets: predict the visual token of each hidden patch (BEiT).
 
-A pure function of logits and token ids. Computed in float32 (robust under bf16 / fp16 autocast);
+A pure function of logits and token ids. Computed in float32 even under autocast (``fp32_loss``);
 a mean over the local batch's masked patches, so nothing crosses ranks (DDP averages the
 gradients, as the official code's per-GPU ``CrossEntropyLoss`` does).
 """
@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfsup.losses._precision import fp32_loss
+
 __all__ = ["beit_loss"]
 
 
+@fp32_loss
 def beit_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     r"""BEiT's masked image modeling loss (Bao et al. 2022, eq. 1; official
     ``engine_for_pretraining.py``): the cross-entropy of the visual token of every **masked**
@@ -44,4 +47,4 @@ def beit_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | 
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"expected logits (M, V) and targets (M,), got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
-    return F.cross_entropy(logits.float(), targets.long())
+    return F.cross_entropy(logits, targets.long())

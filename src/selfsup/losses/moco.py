@@ -4,8 +4,8 @@ symmetric in-batch contrast.
 Keys come from a momentum (EMA) encoder and are targets: no gradient flows into them. Where the
 objective uses the whole global batch as keys, the function gathers them across ranks itself
 (``selfsup.dist.gather(grad=False)``), so one code path serves one CPU process and many GPUs.
-Logits are computed in float32 even under autocast: with τ = 0.2 a bf16 dot product's rounding
-(~4e-3) would move each logit by ~0.02.
+Logits are computed in float32 even under autocast (``fp32_loss``): with τ = 0.2 a bf16 dot
+product's rounding (~4e-3) would move each logit by ~0.02.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import dist
+from selfsup.losses._precision import fp32_loss
 
 __all__ = ["moco_info_nce", "moco_v3_ctr", "moco_v3_loss"]
 
 
+@fp32_loss
 def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     r"""InfoNCE of MoCo (He et al. 2020, eq. 1; temperature 0.2 from Chen et al. 2020, MoCo v2).
 
@@ -46,16 +48,16 @@ def moco_info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tempera
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    with torch.autocast(q.device.type, enabled=False):
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.detach().float(), dim=1)
-        l_pos = (q * k).sum(dim=1, keepdim=True)  # (n, 1)
-        l_neg = q @ queue.detach().float().T  # (n, K)
-        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        return F.cross_entropy(logits, labels)
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k.detach(), dim=1)
+    l_pos = (q * k).sum(dim=1, keepdim=True)  # (n, 1)
+    l_neg = q @ queue.detach().T  # (n, K)
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
 
 
+@fp32_loss
 def moco_v3_ctr(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, gather: bool = True) -> torch.Tensor:
     r"""MoCo v3's contrastive term ctr(q, k) (Chen, Xie, He 2021, Algorithm 1).
 
@@ -78,16 +80,16 @@ def moco_v3_ctr(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2, *, g
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     n = q.shape[0]
-    with torch.autocast(q.device.type, enabled=False):
-        q = F.normalize(q.float(), dim=1)
-        k = F.normalize(k.detach().float(), dim=1)
-        keys = dist.gather(k, grad=False) if gather else k
-        offset = dist.rank() * n if keys.shape[0] != n else 0
-        logits = q @ keys.T / temperature
-        labels = torch.arange(n, device=q.device) + offset
-        return F.cross_entropy(logits, labels) * (2.0 * temperature)
+    q = F.normalize(q, dim=1)
+    k = F.normalize(k.detach(), dim=1)
+    keys = dist.gather(k, grad=False) if gather else k
+    offset = dist.rank() * n if keys.shape[0] != n else 0
+    logits = q @ keys.T / temperature
+    labels = torch.arange(n, device=q.device) + offset
+    return F.cross_entropy(logits, labels) * (2.0 * temperature)
 
 
+@fp32_loss
 def moco_v3_loss(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, temperature: float = 0.2,
                  *, gather: bool = True) -> torch.Tensor:
     r"""MoCo v3's symmetrized loss: ctr(q1, k2) + ctr(q2, k1) (Chen, Xie, He 2021, Algorithm 1).

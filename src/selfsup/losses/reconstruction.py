@@ -2,25 +2,29 @@
 
 The loss is a pure function of patch tensors: the method patchifies the (normalized) input image
 into ``(B, N, p*p*C)`` with its backbone's ``patchify`` and hands the decoder's predictions, the
-patchified targets and the mask over. It is computed in float32 (robust under bf16 / fp16
-autocast) and, being a mean over the local batch's masked patches, needs nothing across ranks.
+patchified targets and the mask over. It is computed in float32 even under autocast
+(``fp32_loss``) and, being a mean over the local batch's masked patches, needs nothing across
+ranks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from selfsup.losses._precision import fp32_loss
+
 __all__ = ["mae_loss"]
 
 
+@fp32_loss
 def patch_stats(target: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch mean and ``sqrt(var + eps)`` over the last dimension (all pixels and channels of
     a patch), as MAE's ``norm_pix_loss``: the variance is the unbiased one (torch's default, as the
     official ``target.var(dim=-1)``). Both are ``(..., 1)``."""
-    target = target.float()
     return target.mean(dim=-1, keepdim=True), (target.var(dim=-1, keepdim=True) + eps) ** 0.5
 
 
+@fp32_loss
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, norm_pix_loss: bool = True,
              eps: float = 1e-6) -> torch.Tensor:
     r"""MAE's reconstruction loss (He et al. 2022, sec. 3; official ``forward_loss``): the mean
@@ -53,10 +57,10 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, no
     if pred.shape != target.shape or mask.shape != pred.shape[:-1]:
         raise ValueError(f"mae_loss: pred {tuple(pred.shape)}, target {tuple(target.shape)} and mask "
                          f"{tuple(mask.shape)} must be (B, N, P), (B, N, P) and (B, N)")
-    target = target.detach().float()
+    target = target.detach()
     if norm_pix_loss:
         mean, std = patch_stats(target, eps)
         target = (target - mean) / std
-    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
+    per_patch = (pred - target).pow(2).mean(dim=-1)  # (B, N)
     mask = mask.to(per_patch.dtype)
     return (per_patch * mask).sum() / mask.sum()

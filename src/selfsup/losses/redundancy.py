@@ -17,6 +17,9 @@ ranks gives exactly the gradient of a one-process run on the global batch (tests
 checks this with two gloo processes). The official Barlow Twins code all-reduces ``c`` outside
 autograd, which leaves its gradient ``1 / world_size`` of that; with LARS (which rescales each
 layer's update) the difference only changes the balance against weight decay.
+
+Batch statistics and d x d products are float32 even under autocast (``fp32_loss``): in bf16 a
+C_ii near 1 would carry errors of ~4e-3, summed over thousands of dimensions.
 """
 
 from __future__ import annotations
@@ -25,17 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from selfsup import dist
+from selfsup.losses._precision import fp32_loss
 
 __all__ = [
     "cross_correlation", "barlow_twins_terms", "barlow_twins_loss",
     "invariance_loss", "variance_loss", "covariance_loss", "vicreg_terms", "vicreg_loss",
 ]
-
-
-def _fp32(x: torch.Tensor):
-    """Autocast off: batch statistics and d x d products in float32 (under bf16 autocast a
-    C_ii near 1 would carry errors of ~4e-3, summed over thousands of dimensions)."""
-    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
@@ -48,6 +46,7 @@ def _off_diagonal(m: torch.Tensor) -> torch.Tensor:
 # Barlow Twins
 
 
+@fp32_loss
 def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5, *, gather: bool = True) -> torch.Tensor:
     r"""The cross-correlation matrix of Barlow Twins (Zbontar et al. 2021, eq. 2), over the batch:
 
@@ -70,15 +69,15 @@ def cross_correlation(z1: torch.Tensor, z2: torch.Tensor, eps: float = 1e-5, *, 
         raise ValueError(f"z1 and z2 must both be (n, d); got {tuple(z1.shape)} and {tuple(z2.shape)}")
     reduce = (lambda t: dist.all_reduce_sum(t, grad=True)) if gather else (lambda t: t)
     n = z1.shape[0] * (dist.world_size() if gather else 1)
-    with _fp32(z1):
-        z = torch.stack([z1.float(), z2.float()])  # (2, n, d): one all-reduce for both views' statistics
-        mean = reduce(z.sum(dim=1, keepdim=True)) / n
-        centered = z - mean
-        var = reduce(centered.pow(2).sum(dim=1, keepdim=True)) / n  # biased, as BatchNorm normalizes
-        zn = centered / torch.sqrt(var + eps)
-        return reduce(zn[0].T @ zn[1]) / n
+    z = torch.stack([z1, z2])  # (2, n, d): one all-reduce for both views' statistics
+    mean = reduce(z.sum(dim=1, keepdim=True)) / n
+    centered = z - mean
+    var = reduce(centered.pow(2).sum(dim=1, keepdim=True)) / n  # biased, as BatchNorm normalizes
+    zn = centered / torch.sqrt(var + eps)
+    return reduce(zn[0].T @ zn[1]) / n
 
 
+@fp32_loss
 def barlow_twins_terms(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The two sums of the Barlow Twins loss from the cross-correlation matrix C:
     the invariance term :math:`\sum_i (1 - \mathcal{C}_{ii})^2` and the redundancy-reduction term
@@ -88,6 +87,7 @@ def barlow_twins_terms(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return on_diag, off_diag
 
 
+@fp32_loss
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051, eps: float = 1e-5, *,
                       gather: bool = True) -> torch.Tensor:
     r"""Barlow Twins (Zbontar, Jing, Misra, LeCun, Deny 2021, eq. 1):
@@ -122,15 +122,17 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 0.0051,
 # VICReg
 
 
+@fp32_loss
 def invariance_loss(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     r"""VICReg's invariance term s(Z, Z') (Bardes, Ponce, LeCun 2022, eq. 5), as the official code
     computes it: the mean squared error over all n x d entries,
     :math:`\frac{1}{nd} \sum_b \lVert z_b - z'_b \rVert_2^2` (the paper writes the mean over b of
     the squared distance; the extra 1/d is part of the λ = 25 it tunes). Per sample, so it is
     computed on this rank's batch (DDP's averaging makes it the global mean)."""
-    return F.mse_loss(z1.float(), z2.float())
+    return F.mse_loss(z1, z2)
 
 
+@fp32_loss
 def variance_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> torch.Tensor:
     r"""VICReg's variance term (eq. 1-2): a hinge on the standard deviation of every dimension,
 
@@ -139,10 +141,11 @@ def variance_loss(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> tor
 
     with the unbiased batch variance. 0 when every dimension's std is >= γ; for a collapsed
     (constant) embedding it is γ - √ε. ``z`` is the whole batch (gather it first)."""
-    std = torch.sqrt(z.float().var(dim=0) + eps)
+    std = torch.sqrt(z.var(dim=0) + eps)
     return F.relu(gamma - std).mean()
 
 
+@fp32_loss
 def covariance_loss(z: torch.Tensor) -> torch.Tensor:
     r"""VICReg's covariance term (eq. 3-4): the squared off-diagonal entries of the covariance
     matrix, scaled by 1/d,
@@ -153,13 +156,12 @@ def covariance_loss(z: torch.Tensor) -> torch.Tensor:
 
     ``z`` is the whole batch (gather it first)."""
     n, d = z.shape
-    with _fp32(z):
-        z = z.float()
-        centered = z - z.mean(dim=0)
-        cov = centered.T @ centered / (n - 1)
-        return _off_diagonal(cov).pow(2).sum() / d
+    centered = z - z.mean(dim=0)
+    cov = centered.T @ centered / (n - 1)
+    return _off_diagonal(cov).pow(2).sum() / d
 
 
+@fp32_loss
 def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4, *,
                  gather: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(invariance, variance, covariance) as the official code combines the two branches: the
@@ -178,6 +180,7 @@ def vicreg_terms(z1: torch.Tensor, z2: torch.Tensor, gamma: float = 1.0, eps: fl
     return inv, var, cov
 
 
+@fp32_loss
 def vicreg_loss(z1: torch.Tensor, z2: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
                 cov_coeff: float = 1.0, gamma: float = 1.0, eps: float = 1e-4, *, gather: bool = True) -> torch.Tensor:
     r"""VICReg (Bardes, Ponce, LeCun 2022, eq. 6):

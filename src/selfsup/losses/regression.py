@@ -8,7 +8,7 @@ gradient averaging makes the update that of the global mean.
 
 The target side is detached inside every function (``stop_grad=True``), as both papers define
 the loss on ``stopgrad(z)``; pass ``stop_grad=False`` only to reproduce SimSiam's "w/o stop-grad"
-collapse ablation (Chen & He 2021, fig. 2).
+collapse ablation (Chen & He 2021, fig. 2). Everything is computed in float32, even under autocast.
 """
 
 from __future__ import annotations
@@ -16,16 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from selfsup.losses._precision import fp32_loss
+
 __all__ = ["normalized_mse", "negative_cosine", "byol_loss", "simsiam_loss"]
 
 
 def _cosine(p: torch.Tensor, z: torch.Tensor, stop_grad: bool) -> torch.Tensor:
-    """Row-wise cosine similarity in float32 (robust under bf16/fp16 autocast)."""
+    """Row-wise cosine similarity (float32 under autocast too: every caller is ``fp32_loss``)."""
     if stop_grad:
         z = z.detach()
-    return (F.normalize(p.float(), dim=-1) * F.normalize(z.float(), dim=-1)).sum(dim=-1)
+    return (F.normalize(p, dim=-1) * F.normalize(z, dim=-1)).sum(dim=-1)
 
 
+@fp32_loss
 def normalized_mse(p: torch.Tensor, z: torch.Tensor, *, stop_grad: bool = True) -> torch.Tensor:
     r"""BYOL's regression loss (Grill et al. 2020, eq. 2) for one direction:
 
@@ -49,6 +52,7 @@ def normalized_mse(p: torch.Tensor, z: torch.Tensor, *, stop_grad: bool = True) 
     return (2.0 - 2.0 * _cosine(p, z, stop_grad)).mean()
 
 
+@fp32_loss
 def negative_cosine(p: torch.Tensor, z: torch.Tensor, *, stop_grad: bool = True) -> torch.Tensor:
     r"""SimSiam's :math:`\mathcal{D}(p, \mathrm{stopgrad}(z))` (Chen & He 2021, eqs. 1 and 3):
 
@@ -65,6 +69,7 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor, *, stop_grad: bool = True)
     return -_cosine(p, z, stop_grad).mean()
 
 
+@fp32_loss
 def byol_loss(q1: torch.Tensor, q2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, *,
               stop_grad: bool = True) -> torch.Tensor:
     r"""BYOL's symmetrized loss :math:`\mathcal{L}^{BYOL} = \mathcal{L} + \tilde{\mathcal{L}}`
@@ -79,6 +84,7 @@ def byol_loss(q1: torch.Tensor, q2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
     return normalized_mse(q1, z2, stop_grad=stop_grad) + normalized_mse(q2, z1, stop_grad=stop_grad)
 
 
+@fp32_loss
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor, *,
                  stop_grad: bool = True) -> torch.Tensor:
     r"""SimSiam's symmetrized loss (Chen & He 2021, eq. 4):
