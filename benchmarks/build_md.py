@@ -47,6 +47,23 @@ alongside. That check, on every method, ran on CUDA without error, and so did a 
 CUDA masking test. BEiT's first run, 46 epochs, passed the time limit and was cut off; it was rerun
 alone at 30 epochs. Its images/s is therefore the only one measured on an unshared GPU.
 `benchmarks/gpu_session.sh` is that session's script, from the probe to the packed logs.
+
+Which SimSiam and I-JEPA variant the rows ran, where the code once said otherwise: every SimSiam
+row trained its predictor at the constant base lr and the rest on the cosine schedule (the
+paper's variant, the official `--fix-pred-lr`; the trainer has held `fixed_lr` groups there since
+2026-11-23). Every I-JEPA row (CPU, GPU and tuning tables) warmed up from lr 0, while the official
+warm-up, which both I-JEPA recipes now set (`optim.warmup_start_lr: 2.0e-4`), starts at 2e-4: add
+`optim.warmup_start_lr=0` to rerun one of those rows as it ran.
+
+Every kNN row in this file was run before the fixes of 2026-12-02 (issue 17) and has not been
+rerun since; what each fix can change in them: SimCLR's NT-Xent computed its logits in bf16 under
+autocast (a 2% gradient difference at batch 256) and Barlow Twins' cross-correlation summed in
+bf16, so the bf16 rows of those two trained on slightly different gradients (every loss is now
+fp32; SwAV's prototype scores too, a 0.5% difference); the SwAV, DINO, DINOv2 and MoCo v2 state
+updates (queues, centres) now run after the optimizer step, which gives the same numbers for any
+run that dropped no step and accumulated no gradients (none of the rows accumulated; they did
+not record dropped steps); the I-JEPA rows warmed up from lr 0 (above); and each row's random-init
+column is one encoder (seed = trainer.seed), where the pretraining summary now averages three.
 """
 
 

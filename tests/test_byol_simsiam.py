@@ -162,8 +162,18 @@ def test_simsiam_heads_follow_the_paper():
     assert [type(m).__name__ for m in method.predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert method.predictor[0].out_features == 8 and method.predictor[-1].bias is not None
     assert not any("target" in n for n, _ in method.named_modules())  # no momentum encoder
+    zs, ps = [], []
+    method.projector.register_forward_hook(lambda m, i, o: zs.append(o.detach()))
+    method.predictor.register_forward_hook(lambda m, i, o: ps.append(o.detach()))
     out = method({"images": _images()})
-    assert -1.0 <= out.loss.item() <= 1.0 and out.embeddings.shape == (8, 16)
+    assert out.embeddings.shape == (8, 16) and torch.equal(out.embeddings, zs[0])
+    # eq. 4 by hand: L = D(p1, z2) / 2 + D(p2, z1) / 2, D(p, z) = -mean_i cos(p_i, z_i)
+
+    def d(p, z):
+        return -sum(sum(a * b for a, b in zip(pi, zi)) / math.sqrt(sum(a * a for a in pi) * sum(b * b for b in zi))
+                    for pi, zi in zip(p.tolist(), z.tolist())) / len(p)
+
+    assert out.loss.item() == pytest.approx(d(ps[0], zs[1]) / 2 + d(ps[1], zs[0]) / 2, abs=1e-5)
 
 
 def test_recipes_carry_the_papers_numbers():

@@ -69,9 +69,14 @@ def test_bad_yaml_and_missing_recipe(tmp_path):
 def test_repo_recipes_all_load():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
-    assert recipes, "configs/ holds the method recipes"
-    for recipe in recipes:
-        if recipe.name.startswith("_"):
-            continue  # bases are loaded through their children
-        load_config(recipe)
+    from selfsup.registry import METHODS
+
+    root = Path(__file__).parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    # bases (configs/_base/*.yaml) are loaded through their children, never alone
+    bases = [p for p in files if any(part.startswith("_") for part in p.relative_to(root).parts)]
+    recipes = [p for p in files if p not in bases]
+    assert bases and all(p.parent.name == "_base" for p in bases)
+    for recipe in recipes:  # configs/<method>/<dataset>.yaml
+        assert load_config(recipe).method.name == recipe.parent.name, recipe
+    assert {p.parent.name for p in recipes} == set(METHODS)  # every method has a recipe

@@ -129,12 +129,47 @@ def test_queue_size_must_be_a_multiple_of_the_global_batch():
 
 def test_shuffled_grouped_keys_come_back_in_order():
     method = build_method(load_config(None, [*V2, "method.bn_splits=4"]))
-    # a BN-free key encoder: shuffling and splitting must then change nothing
+    # a BN-free key encoder: the groups then cannot matter, so this checks only the un-shuffling
+    # (Shuffling BN's purpose is the test below)
     method.key_backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 8))
     method.key_projector = nn.Linear(8, 16)
     x = torch.randn(16, 3, 16, 16)
     expected = F.normalize(method.key_projector(method.key_backbone(x)), dim=1)
     assert torch.allclose(method._keys(x), expected, atol=1e-6)
+
+
+def _bn_groups(encode, x: torch.Tensor) -> list[set[int]]:
+    """The sets of samples that share BatchNorm statistics in ``encode`` (train mode): moving one
+    sample's input moves exactly the outputs of its group."""
+    base, groups, seen = encode(x), [], set()
+    for i in range(x.shape[0]):
+        if i not in seen:
+            moved = x.clone()
+            moved[i] += 1.0
+            out = encode(moved)
+            groups.append({j for j in range(x.shape[0]) if not torch.equal(out[j], base[j])})
+            seen |= groups[-1]
+    return groups
+
+
+@torch.no_grad()
+def test_shuffling_bn_normalizes_each_key_with_other_samples_than_its_query():
+    # He et al. 2020 sec. 3.3: BN statistics of one sub-batch let the model find the positive key by its
+    # sub-batch's "signature"; Shuffling BN normalizes a query and its key with different subsets. One
+    # process with bn_splits=4 emulates 4 GPUs: the real BatchNorm ResNet, groups of 4 of 16 samples.
+    method = build_method(load_config(None, [*V2, "method.bn_splits=4", "trainer.channels_last=false"]))
+    x = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+    def keys(v):
+        torch.manual_seed(7)  # the same shuffle for every call
+        return method._keys(v)
+
+    query_groups = _bn_groups(lambda v: method._grouped(method.backbone, method.projector, v), x)
+    key_groups = _bn_groups(keys, x)
+    assert query_groups == [{0, 1, 2, 3}, {4, 5, 6, 7}, {8, 9, 10, 11}, {12, 13, 14, 15}]  # unshuffled
+    assert sorted(len(g) for g in key_groups) == [4, 4, 4, 4] and set().union(*key_groups) == set(range(16))
+    # no key is normalized with the sub-batch of its query
+    assert not any(g in query_groups for g in key_groups), key_groups
 
 
 # ---- EMA timing and frozen teachers --------------------------------------------------------
@@ -149,8 +184,13 @@ def test_ema_updates_only_in_on_step_end(overrides, teacher, student):
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
     before = [p.clone() for p in t_mod.parameters()]
     queue_before = method.queue.clone() if hasattr(method, "queue") else None
+    captured = {name: [] for name in ("predictor", "momentum_projector")}
+    hooks = [getattr(method, name).register_forward_hook(lambda m, i, o, name=name: captured[name].append(o.detach()))
+             for name in captured if hasattr(method, name)]
     out = method({"images": torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)})
-    assert "monitor/student_teacher_cos" in out.metrics and -1 <= float(out.metrics["monitor/student_teacher_cos"]) <= 1
+    for hook in hooks:
+        hook.remove()
+    cos = float(out.metrics["monitor/student_teacher_cos"])
     out.loss.backward()
     opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, t_mod.parameters())), "teacher moved before on_step_end"
@@ -166,6 +206,13 @@ def test_ema_updates_only_in_on_step_end(overrides, teacher, student):
     assert not torch.equal(w_t, w_0)
     if queue_before is not None:
         assert method.queue_ptr.item() == 16 and not torch.equal(queue_before, method.queue)
+        # MoCo v2: mean cosine of each query (the embeddings) with its key, now queue rows 0-15
+        pairs = [(out.embeddings[i], method.queue[i]) for i in range(16)]
+    else:  # MoCo v3: each view's prediction against the momentum encoder's output for the other view
+        (q1, q2), (k1, k2) = captured["predictor"], captured["momentum_projector"]
+        pairs = [(q1[i], k2[i]) for i in range(16)] + [(q2[i], k1[i]) for i in range(16)]
+    expected = sum(_dot(_unit(a.tolist()), _unit(b.tolist())) for a, b in pairs) / len(pairs)
+    assert cos == pytest.approx(expected, abs=1e-5)
 
 
 def test_mocov3_vit_freezes_patch_projection():

@@ -83,9 +83,12 @@ def test_rotation_step_encodes_4n_images_and_logs_accuracy():
     method = build_method(load_config(None, [*ROT_TINY, "trainer.channels_last=false"]))
     seen = []
     method.backbone.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        method.head.bias[1] += 100.0  # every image is then called "rotated by 90 degrees" ...
     out = method({"images": _images(8)})
     assert seen == [(32, 3, 16, 16)]  # all 4 rotations of the 8 images in one pass
-    assert 0.0 <= float(out.metrics["rot_acc"]) <= 1.0 and out.embeddings.shape == (8, 128)
+    # ... which 8 of the 32 rotated images are
+    assert float(out.metrics["rot_acc"]) == pytest.approx(8 / 32) and out.embeddings.shape == (8, 128)
     assert math.isfinite(out.loss.item()) and method.head.out_features == 4
     out.loss.backward()
     assert method.backbone.model.conv1.weight.grad.abs().sum() > 0
@@ -221,10 +224,16 @@ def test_jigsaw_step_encodes_9b_tiles_and_the_grid_tiles_downstream():
     method = _identity_jigsaw()
     seen = []
     hook = method.backbone.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
+    torch.manual_seed(2)
+    labels = method.make_puzzles(_images(8, side=15))[1].tolist()  # the step's draws, replayed
+    with torch.no_grad():
+        method.classifier[-1].bias[labels[0]] += 100.0  # every puzzle is then called permutation labels[0]
+    torch.manual_seed(2)
     out = method({"images": _images(8, side=15)})
     assert seen == [(72, 3, 5, 5)]  # 9 tiles x 8 puzzles, one backbone pass
     assert method.classifier[0].in_features == 9 * 16 and method.classifier[-1].out_features == 100
-    assert 0.0 <= float(out.metrics["jigsaw_acc"]) <= 1.0 and math.isfinite(out.loss.item())
+    assert float(out.metrics["jigsaw_acc"]) == pytest.approx(labels.count(labels[0]) / 8)
+    assert math.isfinite(out.loss.item())
     seen.clear()
     feats = method.embed({"images": _images(4, side=15)})
     assert seen == [(36, 3, 5, 5)] and feats.shape == (4, 128)  # encode: the 9 tiles of each image

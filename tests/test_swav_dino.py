@@ -219,13 +219,25 @@ def test_swav_prototypes_frozen_during_first_epoch_only():
     assert proto.grad.abs().sum() > 0 and not torch.equal(proto, before)
 
 
-def test_swav_prototypes_are_unit_vectors_in_forward():
-    method = build_method(load_config(None, [*SWAV_TINY, "trainer.channels_last=false"]))
-    with torch.no_grad():
-        method.prototypes.weight.mul_(3.0)
+def test_swav_prototypes_are_unit_vectors_in_every_forward():
+    method = build_method(load_config(None, [*SWAV_TINY, "trainer.channels_last=false",
+                                             "method.freeze_prototypes_epochs=0"]))
+    proto = method.prototypes.weight
+    assert torch.allclose(proto.norm(dim=1), torch.ones(32), atol=1e-6)  # from construction on
+    before = proto.detach().clone()
     out = method({"images": _images()})
-    assert torch.allclose(method.prototypes.weight.norm(dim=1), torch.ones(32), atol=1e-6)
+    assert torch.equal(proto, before), "forward changed the prototypes"
     assert 0.0 < float(out.metrics["monitor/uniformity"]) < 1.0
+    out.loss.backward()
+    with torch.no_grad():
+        proto.add_(proto.grad, alpha=-50.0)  # an update that leaves them far from unit norm
+    assert not torch.allclose(proto.norm(dim=1), torch.ones(32), atol=1e-3)
+    method.on_step_end(_progress(1, steps_per_epoch=2))  # a kept step re-normalizes them
+    assert torch.allclose(proto.norm(dim=1), torch.ones(32), atol=1e-6)
+    with torch.no_grad():  # a checkpoint of an older version, saved before re-normalization
+        state = {k: (v * 3.0 if k == "prototypes.weight" else v) for k, v in method.state_dict().items()}
+    method.load_state_dict(state)
+    assert torch.allclose(proto.norm(dim=1), torch.ones(32), atol=1e-6)
 
 
 def test_dino_last_layer_frozen_during_first_epoch_only():
@@ -273,13 +285,21 @@ def test_dino_teacher_ema_temperature_and_metrics():
                                              "method.warmup_teacher_temp_epochs=3", "method.teacher_temp=0.07"]))
     teacher = [*method.teacher_backbone.parameters(), *method.teacher_head.parameters()]
     assert teacher and not any(p.requires_grad for p in teacher)
+    torch.manual_seed(5)
     out = method({"images": _images()})
     assert out.metrics["monitor/student_teacher_cos"] == pytest.approx(1.0, abs=1e-5)  # identical at init
     assert 0.0 < float(out.metrics["monitor/uniformity"]) < 1.0
     assert out.embeddings.shape == (8, method.backbone.out_dim)  # backbone features, not head outputs
-    assert method.center.abs().sum() > 0  # updated after the loss
+    assert method.center.abs().sum() == 0  # forward leaves it; the kept step moves it
     out.loss.backward()
     assert all(p.grad is None for p in teacher)
+    with torch.no_grad():  # what eq. 4 gives: 0.9 * 0 + 0.1 * the teacher's batch mean
+        torch.manual_seed(5)  # the same global crops as the forward above
+        views = method.make_views(_images())[:2]
+        t = method.teacher_head(torch.cat(forward_by_resolution(method.teacher_backbone, views)))
+    method.on_step_end(_progress(1, steps_per_epoch=4))
+    assert torch.allclose(method.center, 0.1 * t.mean(dim=0, keepdim=True), atol=1e-6)
+    assert method.center.abs().sum() > 0
     # temperature: linspace(0.04, 0.07, 3)[epoch], then 0.07
     temps = [method.teacher_temp()]  # before any step: epoch 0
     for step in (4, 8, 12):  # first steps of epochs 1, 2, 3
@@ -309,6 +329,8 @@ def test_swav_queue_fills_and_is_checkpointed():
     assert method.queue.abs().sum() == 0  # epoch 0 < queue_start_epoch
     method.clock.tick(_progress(4, steps_per_epoch=4))
     method({"images": _images()})
+    assert method.queue.abs().sum() == 0  # forward only defers the push ...
+    method.on_step_end(_progress(5, steps_per_epoch=4))  # ... to the kept step
     assert method.queue[:, :8].abs().sum() > 0 and method.queue[:, 8:].abs().sum() == 0
     assert torch.allclose(method.queue[0, :8].norm(dim=1), torch.ones(8), atol=1e-5)  # unit projections
     with pytest.raises(ConfigError, match="queue_length"):

@@ -23,3 +23,8 @@ class TrainingError(SelfSupError):
 
 class ExportError(SelfSupError):
     """Exported weights could not be written (unwritable folder, full disk); nothing partial is left."""
+
+
+class WriteError(SelfSupError, OSError):
+    """A file could not be written: the disk is full, or the target is no regular file. Also an
+    OSError, so code that treats a failed write as an OSError (a cache that only warns) still does."""

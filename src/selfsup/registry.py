@@ -11,15 +11,36 @@ METHODS: dict[str, type] = {}
 BACKBONES: dict[str, Callable] = {}
 
 
+def _origin(obj: Callable) -> str:
+    """Where ``obj`` is defined: module, qualified name and, for functions (lambdas share a name), line."""
+    code = getattr(obj, "__code__", None)
+    line = f" (line {code.co_firstlineno})" if code is not None else ""
+    return f"{obj.__module__}.{obj.__qualname__}{line}"
+
+
+def _add(table: dict, kind: str, name: str, obj: Callable) -> None:
+    """``table[name] = obj``, refusing a second, different object under a name already taken (it
+    would silently replace the first). The same definition registered again (its module
+    re-imported, e.g. by ``importlib.reload``) replaces the old one, as re-running a module should."""
+    old = table.get(name)
+    if old is not None and old is not obj and _origin(old) != _origin(obj):
+        raise ValueError(f"{kind} {name!r} is registered twice: by {_origin(old)} and by {_origin(obj)}; "
+                         "give one of them another name")
+    table[name] = obj
+
+
 def register_method(cls: type) -> type:
-    """Class decorator: makes a Method subclass reachable by its ``name``."""
-    METHODS[cls.name] = cls
+    """Class decorator: makes a Method subclass reachable by its ``name`` (unique)."""
+    _add(METHODS, "method", cls.name, cls)
     return cls
 
 
 def register_backbone(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: makes a backbone builder ``fn(BackboneConfig) -> nn.Module`` reachable by ``name``
+    (unique)."""
+
     def deco(fn: Callable) -> Callable:
-        BACKBONES[name] = fn
+        _add(BACKBONES, "backbone", name, fn)
         return fn
 
     return deco

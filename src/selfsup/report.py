@@ -56,8 +56,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from selfsup.errors import CheckpointError, SelfSupError
-from selfsup.train.checkpoint import write_text_atomic
+from selfsup.errors import CheckpointError, ConfigError, DataError, SelfSupError, WriteError
+from selfsup.train.checkpoint import write_atomic, write_text_atomic
 from selfsup.train.monitor import STD_ALARM, UNIFORM_ALARM
 
 log = logging.getLogger("selfsup")
@@ -163,7 +163,9 @@ class _Model:
                 self._cache[key] = err
             except Exception as err:  # report, don't crash: the other figures are still useful
                 log.debug("report: %s failed", key, exc_info=True)
-                self._cache[key] = _Skip(f"{key} unavailable ({type(err).__name__}: {_first_line(err)})")
+                skip = _Skip(f"{key} unavailable ({type(err).__name__}: {_first_line(err)})")
+                skip.__cause__ = err  # write_report tells the user's own --data failing from the rest
+                self._cache[key] = skip
         value = self._cache[key]
         if isinstance(value, _Skip):
             raise value
@@ -688,14 +690,18 @@ _FIGURES: list[tuple[str, str, str, Callable]] = [
 
 
 def _render(out_dir: Path, key: str, title: str, caption: str, draw: Callable[[], Any]) -> _Result:
+    """Draw one figure into ``out_dir/<key>.png`` (atomically: a full disk leaves no empty PNG)."""
     result = _Result(key, title, caption)
     try:
         fig = draw()
         path = out_dir / f"{key}.png"
-        fig.savefig(path, dpi=_DPI, format="png", metadata={"Software": None}, facecolor="white")
+        write_atomic(path, lambda fh: fig.savefig(fh, dpi=_DPI, format="png", metadata={"Software": None},
+                                                  facecolor="white"))
         result.path = path
     except _Skip as err:
         result.note = str(err)
+    except WriteError:  # a full disk is no figure's fault, and the HTML would not fit either
+        raise
     except Exception as err:  # a report never fails because one figure did
         log.warning("report: figure %r failed: %s", key, err, exc_info=log.isEnabledFor(logging.DEBUG))
         result.note = f"could not be drawn ({type(err).__name__}: {_first_line(err)})"
@@ -842,7 +848,8 @@ def write_report(run_dir: str | Path, *, data: str | None = None, max_points: in
 
     A figure whose inputs are missing (no column, no labels, no checkpoint, not a ViT...) is
     listed under "Not drawn" with the reason; the report itself only fails when ``run_dir``
-    is not a run directory or matplotlib is missing.
+    is not a run directory, matplotlib is missing, an argument is out of range, ``data`` cannot
+    be loaded, or the disk is full.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -854,9 +861,12 @@ def write_report(run_dir: str | Path, *, data: str | None = None, max_points: in
     except ImportError:
         raise SelfSupError("the report needs matplotlib: pip install 'selfsup[report]'") from None
     if max_points < 1:
-        raise ValueError(f"max_points must be >= 1, got {max_points}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        raise ConfigError(f"max_points (--max-points) must be at least 1, got {max_points}")
+    from selfsup.train.trainer import resolve_device
+
+    model = _Model(run_dir, data, max_points, str(resolve_device(device)), seed)
+    if data is not None:
+        _check_data(model, data)
 
     out_dir = run_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -875,7 +885,6 @@ def write_report(run_dir: str | Path, *, data: str | None = None, max_points: in
         except yaml.YAMLError:
             cfg_tree = {}
     metrics = read_metrics(run_dir / "metrics.csv")
-    model = _Model(run_dir, data, max_points, device, seed)
 
     results = []
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
@@ -890,6 +899,17 @@ def write_report(run_dir: str | Path, *, data: str | None = None, max_points: in
     path = out_dir / "report.html"
     write_text_atomic(path, _html(run_dir, _header_rows(summary, cfg_tree, metrics), results, config_text))
     return path
+
+
+def _check_data(model: _Model, data: str) -> None:
+    """Data the user named must load: a typo in ``--data`` is an error, not a line in the report.
+    (The run's own data may have moved since training; that only leaves figures out.)"""
+    try:
+        with torch.random.fork_rng(devices=[]):  # building the model seeds torch
+            model.dataset
+    except _Skip as err:
+        if isinstance(err.__cause__, DataError):
+            raise DataError(f"--data {data}: {_first_line(err.__cause__)}") from None
 
 
 def report_command(run_dir: str, data: str | None = None, *, device: str = "cpu", max_points: int = 2000,

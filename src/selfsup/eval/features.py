@@ -13,6 +13,7 @@ Nothing here knows about images: a batch is any ``dict`` with an int64
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import tempfile
@@ -25,6 +26,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 __all__ = ["extract_features", "FeatureCache", "make_key"]
+
+log = logging.getLogger("selfsup")
 
 # Below this many batches a progress bar is more noise than help.
 _MIN_BATCHES_FOR_PROGRESS = 5
@@ -160,21 +163,37 @@ class FeatureCache:
             return None
         return feats, labels
 
-    def put(self, key: str, feats: Tensor, labels: Tensor) -> Path:
-        """Store ``(feats, labels)`` under ``key`` atomically; returns the file written."""
+    def put(self, key: str, feats: Tensor, labels: Tensor) -> Path | None:
+        """Store ``(feats, labels)`` under ``key`` atomically; returns the file written, or None
+        when it could not be written (a full disk, a read-only folder): a cache that cannot
+        grow costs time on the next run, so that is logged, and the caller's work goes on."""
         file = self.path(key)
-        self.directory.mkdir(parents=True, exist_ok=True)
         entry = {
             "features": feats.detach().to("cpu", torch.float32).contiguous(),
             "labels": labels.detach().to("cpu", torch.int64).contiguous(),
         }
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
+        tmp_name = None
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            # the writer's pid in the name tells a later run whether the file is an orphan
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{key}.pt.{os.getpid()}-", suffix=".tmp", dir=self.directory)
             with os.fdopen(fd, "wb") as handle:
                 torch.save(entry, handle)
             os.replace(tmp_name, file)
-        except BaseException:
-            if os.path.exists(tmp_name):
+            tmp_name = None
+        except (OSError, RuntimeError) as err:  # torch.save reports a failed write as a RuntimeError
+            log.warning("features not cached in %s: %s", self.directory, _first_line(err))
+            return None
+        finally:
+            if tmp_name is not None and os.path.exists(tmp_name):
                 os.unlink(tmp_name)
-            raise
         return file
+
+
+def _first_line(err: BaseException) -> str:
+    """The error's first line; for a write that failed inside torch.save, the OSError behind it."""
+    cause = err.__cause__ or err.__context__
+    if isinstance(err, RuntimeError) and isinstance(cause, OSError):
+        err = cause
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -59,8 +59,9 @@ def param_groups(model: nn.Module, exclude_bias_norm: bool = True, layer_decay: 
                  bias_norm_lr_scale: float = 1.0) -> list[dict]:
     """Weights (decayed, adapted) and biases/norm parameters (1-d tensors), which the
     SimCLR/BYOL/MAE recipes exclude from weight decay and LARS adaptation. Parameters under a
-    module named in the model's ``fixed_lr_modules`` (SimSiam's predictor, sec. 4.1) get their own
-    groups marked ``fixed_lr``: the trainer holds their lr at the base value, without warmup or decay.
+    module named in the model's ``fixed_lr_modules`` (SimSiam's predictor, sec. 4.2) get their own
+    groups marked ``fixed_lr``: the trainer holds their lr at the base value (times ``lr_scale``) at
+    every step, without warmup or decay.
 
     Every group has an ``lr_scale`` the trainer multiplies its lr by:
 

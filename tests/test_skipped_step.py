@@ -1,0 +1,110 @@
+"""A step dropped for a non-finite loss leaves no trace.
+
+For every registered method: one trainer takes a good step on a batch; a second, built the same
+way, first gets the same batch with NaN views (as an overflow under reduced precision would give),
+which it must drop, then takes the good step. The dropped step must leave the method's parameters
+and buffers (queues, centres, EMA teachers, BatchNorm statistics, clocks) and the optimizer
+bit-identical, and the two trainers must end bit-identical: the next good step trains exactly as if
+the bad batch had never come.
+"""
+
+import pytest
+import torch
+from conftest import TINY
+from test_barlow_vicreg import BT_TINY, VIC_TINY
+from test_beit import RECIPE as BEIT_RECIPE
+from test_beit import TINY as BEIT_TINY
+from test_byol_simsiam import BYOL_TINY, SIMSIAM_TINY
+from test_data2vec2 import D2V_TINY
+from test_dinov2 import TINY as DINOV2_TINY
+from test_ijepa import IJEPA_TINY
+from test_mae import RECIPE as MAE_RECIPE
+from test_mae import TINY as MAE_TINY
+from test_moco import V2, V3
+from test_rotation_jigsaw import JIG_TINY, ROT_TINY
+from test_swav_dino import DINO_TINY, SWAV_TINY
+
+from selfsup.config import load_config
+from selfsup.pretext.augment import Augment
+from selfsup.registry import METHODS, get_method
+from selfsup.train.trainer import Trainer
+
+# (recipe, overrides) per method, with every piece of state switched on: SwAV's queue from the first
+# step, DINOv2's centres (its default Sinkhorn centering keeps none)
+RECIPES = {
+    "simclr": (None, TINY),
+    "mocov2": (None, V2),
+    "mocov3": (None, V3),
+    "byol": (None, BYOL_TINY),
+    "simsiam": (None, SIMSIAM_TINY),
+    "swav": (None, [*SWAV_TINY, "method.queue_length=32", "method.queue_start_epoch=0",
+                    "method.freeze_prototypes_epochs=0"]),
+    "dino": (None, DINO_TINY),
+    "dinov2": (None, [*DINOV2_TINY, "method.centering=centering"]),
+    "barlow_twins": (None, BT_TINY),
+    "vicreg": (None, VIC_TINY),
+    "rotation": (None, ROT_TINY),
+    "jigsaw": (None, JIG_TINY),
+    "mae": (MAE_RECIPE, MAE_TINY),
+    "beit": (BEIT_RECIPE, BEIT_TINY),
+    "ijepa": (None, IJEPA_TINY),
+    "data2vec2": (None, D2V_TINY),
+}
+
+
+def test_every_registered_method_is_covered():
+    get_method("simclr")  # registers every method
+    assert set(METHODS) == set(RECIPES)
+
+
+def _trainer(name: str, path) -> Trainer:
+    recipe, overrides = RECIPES[name]
+    cfg = load_config(recipe, [*overrides, "trainer.precision=32", "trainer.device=cpu", "trainer.progress=false",
+                               f"trainer.out_dir={path}"])
+    return Trainer(cfg, run_dir=path)
+
+
+def _poison(method: torch.nn.Module, on: dict) -> None:
+    """While ``on["nan"]``, every augmented view comes out NaN (the methods make their views with
+    ``Augment`` modules) and so does every input of the backbone's ``forward`` (jigsaw cuts its
+    tiles itself)."""
+    def nan(x):
+        return torch.full_like(x, float("nan")) if on["nan"] else x
+
+    hooked = [m.register_forward_hook(lambda module, args, out: nan(out))
+              for m in method.modules() if isinstance(m, Augment)]
+    assert hooked
+    method.backbone.register_forward_pre_hook(lambda module, args: (nan(args[0]), *args[1:]))
+
+
+def _state(trainer: Trainer) -> dict:
+    opt = trainer.optimizer.state_dict()
+    optim_tensors = {f"optim.{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    return {**{f"model.{k}": v.clone() for k, v in trainer.method.state_dict().items()}, **optim_tensors,
+            "position": torch.tensor([trainer.step, trainer.epoch])}
+
+
+def _assert_identical(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    changed = [k for k in a if not torch.equal(a[k], b[k])]  # NaN != NaN: a poisoned buffer shows here
+    assert not changed, f"{what}: {changed[:5]}"
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_dropped_step_leaves_no_trace(tmp_path, name):
+    ref = _trainer(name, tmp_path / "ref")
+    batch = next(iter(ref.loader))
+    ref_loss = ref.train_step([batch])[0]
+    assert ref_loss is not None
+
+    run = _trainer(name, tmp_path / "run")
+    on = {"nan": True}
+    _poison(run.method, on)
+    before = _state(run)
+    loss, metrics, *_ = run.train_step([batch])
+    assert loss is None and metrics == {}
+    _assert_identical(before, _state(run), "state changed by the dropped step")
+
+    on["nan"] = False
+    assert run.train_step([batch])[0] == ref_loss  # the next step trains as if nothing had happened
+    _assert_identical(_state(ref), _state(run), "a dropped step changed what the next one did")
