@@ -4,22 +4,23 @@ Everything is decoded once into a single uint8 tensor of shape N x 3 x H x W.
 Self-supervised methods read every image many times per run (several augmented
 views per epoch), so paying the JPEG decode once and then indexing a tensor is
 far cheaper than decoding files inside a DataLoader on every access. Decoded
-folders and resized torchvision datasets are cached on disk so a second run
-starts in seconds.
+folders and resized torchvision datasets are cached on disk (see `cache.py`) so
+a second run starts in seconds.
+
+Whatever a folder holds that cannot become a sample is left out and counted by
+reason, never silently: unreadable files, images over the pixel limit (checked
+in the header, before decoding), and symbolic links to folders already read.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
+import io
 import logging
 import os
-import re
-import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +33,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
+from selfsup.data.cache import cache_path, read_cache, state_key, where_key, write_cache
+from selfsup.data.headers import image_size
 from selfsup.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -54,15 +57,21 @@ TORCHVISION_SPLITS: dict[str, tuple[str, ...]] = {
 }
 TORCHVISION_NATIVE_SIZE = {"cifar10": 32, "cifar100": 32, "stl10": 96}
 DATASET_NAMES = ("embedded", *TORCHVISION_SPLITS)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
 SPLIT_FOLDER_ALIASES: dict[str, tuple[str, ...]] = {
     "train": ("train", "training"),
     "test": ("test", "val", "validation"),
 }
 DEFAULT_DATASETS_ROOT = "~/.cache/selfsup/datasets"
-DEFAULT_DECODED_CACHE = "~/.cache/selfsup/decoded"
-CACHE_ENV_VAR = "SELFSUP_CACHE_DIR"
-CACHE_FORMAT_VERSION = 1
+# Images whose header declares more pixels are skipped before decoding: PIL's default
+# decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), 256 MiB once decoded as RGB.
+MAX_IMAGE_PIXELS = 89_478_485
+MAX_PIXELS_ENV_VAR = "SELFSUP_MAX_IMAGE_PIXELS"
+# Reasons a file or link is left out of a folder dataset (keys of ImageArrayDataset.skip_reasons).
+UNREADABLE = "unreadable"
+TOO_MANY_PIXELS = "over the pixel limit"
+LINK_ALREADY_READ = "link to a folder already read"
+UNREADABLE_FOLDER = "unreadable folder"
 PROGRESS_BAR_MIN_FILES = 2000
 MAX_SKIPPED_EXAMPLES = 5
 RESIZE_CHUNK = 1024
@@ -76,8 +85,9 @@ class ImageArrayDataset(Dataset):
     """A whole dataset held as one contiguous uint8 tensor plus int64 labels.
 
     `labels` is -1 for unlabeled samples and `classes` is empty when nothing
-    is labeled. `skipped` / `skipped_examples` record files that could not be
-    decoded, so callers can report them instead of silently losing data.
+    is labeled. `skipped` / `skipped_examples` record the files (and links) left
+    out of a folder, so callers can report them instead of silently losing data;
+    `skip_reasons` splits `skipped` by reason (e.g. {"unreadable": 2}).
     Tensors may be shared between datasets loaded from the same source (the
     embedded subset is memoized): never modify `images` in place.
     """
@@ -91,6 +101,7 @@ class ImageArrayDataset(Dataset):
         name: str = "",
         skipped: int = 0,
         skipped_examples: Sequence[str] = (),
+        skip_reasons: Mapping[str, int] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be a uint8 N x 3 x H x W tensor, got {images.dtype} {tuple(images.shape)}")
@@ -102,6 +113,7 @@ class ImageArrayDataset(Dataset):
         self.name = name
         self.skipped = int(skipped)
         self.skipped_examples = list(skipped_examples)
+        self.skip_reasons = dict(skip_reasons or {})
         if self.classes and self.labels.numel() and int(self.labels.max()) >= len(self.classes):
             raise ValueError(f"label {int(self.labels.max())} is out of range for {len(self.classes)} classes")
 
@@ -115,6 +127,11 @@ class ImageArrayDataset(Dataset):
     def has_labels(self) -> bool:
         """True when there are classes and every sample carries a label (what linear evaluation needs)."""
         return bool(self.classes) and len(self) > 0 and bool((self.labels >= 0).all())
+
+    def subset(self, keep: torch.Tensor, name: str) -> ImageArrayDataset:
+        """The samples at the positions `keep`, in that order, with this dataset's skip records."""
+        return ImageArrayDataset(self.images[keep], self.labels[keep], self.classes, name=name, skipped=self.skipped,
+                                 skipped_examples=self.skipped_examples, skip_reasons=self.skip_reasons)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -220,13 +237,14 @@ def _load_torchvision(
     root_dir = Path(root or DEFAULT_DATASETS_ROOT).expanduser().resolve()
     dataset_name = f"{name}:{split}"
     target = decode_size if decode_size != TORCHVISION_NATIVE_SIZE[name] else None
-    cache_path = None
+    cache_file = None
     if target is not None:
         data_dir = root_dir / _torchvision_class(name).base_folder
         data_files = sorted(p for p in data_dir.rglob("*") if p.is_file()) if data_dir.is_dir() else []
         if data_files:
-            cache_path = _cache_path(cache_dir, name, _fingerprint(data_files, name, str(data_dir), split, target))
-            cached = _read_cache(cache_path, dataset_name)
+            where = where_key(kind=name, path=str(data_dir), split=split, decode_size=target)
+            cache_file = cache_path(cache_dir, name, where, state_key(data_files))
+            cached = _load_cached(cache_file, dataset_name)
             if cached is not None:
                 return cached
     images, labels, classes = _read_torchvision(name, root_dir, split, download)
@@ -234,8 +252,8 @@ def _load_torchvision(
         _check_memory(len(labels), target, target, max_memory_gib, dataset_name)
         images = _resize_uniform(images, target)
     dataset = ImageArrayDataset(images, labels, classes, name=dataset_name)
-    if cache_path is not None:
-        _write_cache(cache_path, dataset)
+    if cache_file is not None:
+        _save_cached(cache_file, dataset)
     return dataset
 
 
@@ -318,19 +336,49 @@ def _load_folder(
     """Load an ImageFolder-style or flat folder, using the decoded cache when it is fresh."""
     root = Path(source).expanduser().resolve()
     directory = _resolve_split_dir(root, split)
-    files, labels, classes = _scan_folder(directory)
+    skips = _Skips()
+    files, labels, classes = _scan_folder(directory, skips)
+    max_pixels = max_image_pixels()
     dataset_name = f"{root.name}:{split}"
     # Keyed on the resolved folder, not the split name: splits that share a folder share the cache.
-    key = _fingerprint(files, "folder", str(directory), "", decode_size)
+    where = where_key(kind="folder", path=str(directory), decode_size=decode_size)
+    state = state_key(files, labels, classes, max_pixels, skips.counts, skips.examples)
     label = root.name if directory == root else f"{root.name}-{directory.name}"
-    cache_path = _cache_path(cache_dir, label, key)
-    cached = _read_cache(cache_path, dataset_name)
+    cache_file = cache_path(cache_dir, label, where, state)
+    cached = _load_cached(cache_file, dataset_name)
     if cached is not None:
+        _warn_cached_skips(cached, directory)
         return cached
-    _check_folder_memory(files, decode_size, max_memory_gib, directory)
-    dataset = _decode_folder(files, labels, classes, decode_size, directory, dataset_name, max_memory_gib)
-    _write_cache(cache_path, dataset)
+    _check_folder_memory(files, decode_size, max_memory_gib, directory, max_pixels)
+    images, labels = _decode_files(files, labels, decode_size, max_pixels, directory, skips)
+    _warn_skips(skips, directory, max_pixels)
+    height, width = images[0].shape[-2:]
+    _check_memory(len(images), height, width, max_memory_gib, str(directory))
+    dataset = ImageArrayDataset(
+        _stack_releasing(images),
+        torch.tensor(labels, dtype=torch.int64),
+        classes,
+        name=dataset_name,
+        skipped=skips.total,
+        skipped_examples=skips.first_examples(),
+        skip_reasons=skips.counts,
+    )
+    _save_cached(cache_file, dataset)
     return dataset
+
+
+def max_image_pixels() -> int:
+    """The largest width x height a folder image may declare: $SELFSUP_MAX_IMAGE_PIXELS, else MAX_IMAGE_PIXELS."""
+    value = os.environ.get(MAX_PIXELS_ENV_VAR, "").strip()
+    if not value:
+        return MAX_IMAGE_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise DataError(f"{MAX_PIXELS_ENV_VAR} must be a positive whole number of pixels, got {value!r}")
+    return limit
 
 
 def _resolve_split_dir(root: Path, split: str) -> Path:
@@ -365,19 +413,87 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_below(directory: Path) -> list[str]:
-    """All image files under `directory`, recursively, sorted, skipping hidden folders.
+class _Skips:
+    """Files and links left out of a folder dataset: counts by reason, and the paths of the first few."""
 
-    Plain strings, not Path objects: building and sorting 50,000+ Paths costs seconds.
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, reason: str, path: str) -> None:
+        self.counts[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < MAX_SKIPPED_EXAMPLES:
+            examples.append(path)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def first_examples(self) -> list[str]:
+        """Up to MAX_SKIPPED_EXAMPLES paths, taking each reason's in turn."""
+        return [path for paths in self.examples.values() for path in paths][:MAX_SKIPPED_EXAMPLES]
+
+
+class _FolderWalker:
+    """Lists the image files below the class folders of one data folder, reading each folder once.
+
+    Symbolic links are a common way to assemble a dataset (train/cat -> /archive/cats), so
+    they are followed; but a link whose target lies inside the folder being scanned only
+    repeats images already listed (under another label), and a link to a folder already read
+    is a loop or a duplicate: `os.walk(followlinks=True)` turned 20 images into 820 samples
+    through one loop. Neither is followed; each is recorded in `skips`.
     """
-    found: list[str] = []
-    for current, subdirs, names in os.walk(directory, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        found.extend(os.path.join(current, name) for name in names if _is_image(name))
-    return sorted(found)
+
+    def __init__(self, top: Path, skips: _Skips) -> None:
+        self.top = os.path.realpath(top)
+        self.skips = skips
+        self.seen: set[tuple[int, int]] = set()
+
+    def images_below(self, folder: str) -> list[str]:
+        """Image files under `folder`, recursively, sorted, skipping hidden entries.
+
+        Plain strings, not Path objects: building and sorting 50,000+ Paths costs seconds.
+        """
+        found: list[str] = []
+        pending = [folder] if self._enter(folder) else []
+        while pending:
+            for entry in self._list(pending.pop()):
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    if self._enter(entry.path):
+                        pending.append(entry.path)
+                elif _is_image(entry.name):  # broken links too: the decoder counts them as unreadable
+                    found.append(entry.path)
+        return sorted(found)
+
+    def _enter(self, folder: str) -> bool:
+        """Whether to read `folder`: once per real folder, and links only to folders outside the data."""
+        try:
+            stat = os.stat(folder)
+        except OSError:
+            self.skips.add(UNREADABLE_FOLDER, folder)
+            return False
+        key = (stat.st_dev, stat.st_ino)
+        real = os.path.realpath(folder)
+        into_data = os.path.islink(folder) and (real == self.top or real.startswith(os.path.join(self.top, "")))
+        if into_data or key in self.seen:
+            self.skips.add(LINK_ALREADY_READ, folder)
+            return False
+        self.seen.add(key)
+        return True
+
+    def _list(self, folder: str) -> list[os.DirEntry[str]]:
+        try:
+            with os.scandir(folder) as entries:
+                return list(entries)
+        except OSError:  # permissions: say so rather than silently losing a subtree
+            self.skips.add(UNREADABLE_FOLDER, folder)
+            return []
 
 
-def _scan_folder(directory: Path) -> tuple[list[str], list[int], list[str]]:
+def _scan_folder(directory: Path, skips: _Skips) -> tuple[list[str], list[int], list[str]]:
     """List image files with labels: class subfolders give ImageFolder labels, a flat folder gives -1."""
     entries = sorted(entry for entry in directory.iterdir() if not entry.name.startswith("."))
     if not entries:
@@ -385,7 +501,8 @@ def _scan_folder(directory: Path) -> tuple[list[str], list[int], list[str]]:
             f"data folder {directory} is empty; expected images in class subfolders "
             f"({directory}/<class>/<image>.jpg) or directly in it"
         )
-    per_class = {entry.name: _images_below(entry) for entry in entries if entry.is_dir()}
+    walker = _FolderWalker(directory, skips)
+    per_class = {entry.name: walker.images_below(str(entry)) for entry in entries if entry.is_dir()}
     per_class = {name: images for name, images in per_class.items() if images}
     top_level = [str(entry) for entry in entries if entry.is_file() and _is_image(entry.name)]
     if per_class:
@@ -405,34 +522,63 @@ def _scan_folder(directory: Path) -> tuple[list[str], list[int], list[str]]:
     )
 
 
-def _decode_file(path: str) -> torch.Tensor:
-    """Decode one image to uint8 3 x H x W RGB: torchvision first (fast), PIL for what it cannot read."""
-    try:
-        image = decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        image = _decode_with_pil(path)
+class _TooManyPixels(Exception):
+    """The header declares more pixels than the limit; nothing was decoded."""
+
+
+def _decode_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, bool]:
+    """Decode one image to uint8 3 x H x W RGB; the flag is True when it was the first frame of several.
+
+    The size in the header is checked before any pixel is decoded (torchvision's decoders have
+    no limit). GIFs go to PIL, which decodes only the first frame where torchvision decodes them
+    all; other formats use torchvision (fast) and fall back to PIL for what it cannot read.
+    """
+    data = read_file(path)
+    raw = data.numpy()
+    size = image_size(memoryview(raw))
+    if size is not None:
+        _check_pixels(size, max_pixels)
+    if raw[:3].tobytes() == b"GIF":
+        image, animated = _decode_with_pil(raw, max_pixels)
+    else:
+        try:
+            image, animated = decode_image(data, mode=ImageReadMode.RGB), False
+        except RuntimeError:
+            image, animated = _decode_with_pil(raw, max_pixels)
     if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
         image = TF.to_dtype(image, torch.uint8, scale=True)
-    return image
+    return image, animated
 
 
-def _decode_with_pil(path: str) -> torch.Tensor:
-    """PIL fallback (e.g. BMP variants); truncated files still fail, so they get skipped."""
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise _TooManyPixels(f"{width}x{height}")
+
+
+def _decode_with_pil(raw: np.ndarray, max_pixels: int) -> tuple[torch.Tensor, bool]:
+    """PIL fallback (GIF, BMP variants, animated WebP): the first frame only; truncated files still fail."""
     from PIL import Image
 
-    with Image.open(path) as handle:
+    with Image.open(io.BytesIO(raw)) as handle:
+        _check_pixels(handle.size, max_pixels)  # formats the header reader does not know
         array = np.asarray(handle.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+        animated = bool(getattr(handle, "is_animated", False))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), animated
 
 
-def _decode_or_none(path: str, decode_size: int | None) -> torch.Tensor | None:
-    """Decode and optionally resize one file; None marks an unreadable file to skip."""
+def _decode_or_skip(path: str, decode_size: int | None, max_pixels: int) -> tuple[torch.Tensor | None, str]:
+    """Decode and optionally resize one file; returns (image, "") or (image, "animated") or (None, skip reason)."""
     try:
-        image = _decode_file(path)
+        image, animated = _decode_file(path, max_pixels)
+    except _TooManyPixels as exc:
+        logger.debug("not decoding %s: %s pixels is over the limit of %d", path, exc, max_pixels)
+        return None, TOO_MANY_PIXELS
     except Exception as exc:  # any decoder failure means "corrupt file": count it, keep going
         logger.debug("cannot decode %s: %s", path, exc)
-        return None
-    return image if decode_size is None else _resize_and_crop(image, decode_size)
+        return None, UNREADABLE
+    image = image if decode_size is None else _resize_and_crop(image, decode_size)
+    return image, "animated" if animated else ""
 
 
 def _parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], desc: str) -> list[_R]:
@@ -454,45 +600,68 @@ def _parallel_map(fn: Callable[[_T], _R], items: Sequence[_T], desc: str) -> lis
     return results
 
 
-def _decode_folder(
+def _decode_files(
     files: list[str],
     labels: list[int],
-    classes: list[str],
     decode_size: int | None,
+    max_pixels: int,
     directory: Path,
-    dataset_name: str,
-    max_memory_gib: float,
-) -> ImageArrayDataset:
-    """Decode every file, skip the unreadable ones, bring all images to one size and stack them."""
-    decoded = _parallel_map(lambda path: _decode_or_none(path, decode_size), files, f"decoding {directory.name}")
-    kept = [i for i, image in enumerate(decoded) if image is not None]
-    skipped = [files[i] for i, image in enumerate(decoded) if image is None]
-    if not kept:
-        raise DataError(
-            f"none of the {len(files)} image files in {directory} could be decoded "
-            f"(e.g. {skipped[0]}); check that they are valid images"
-        )
-    if skipped:
-        logger.warning(
-            "skipped %d unreadable image(s) in %s: %s%s",
-            len(skipped),
-            directory,
-            ", ".join(skipped[:MAX_SKIPPED_EXAMPLES]),
-            ", ..." if len(skipped) > MAX_SKIPPED_EXAMPLES else "",
-        )
-    images = [image for image in decoded if image is not None]
-    del decoded  # the per-image tensors must be freed while they are stacked
-    images = _unify_sizes(images, directory)
-    height, width = images[0].shape[-2:]
-    _check_memory(len(images), height, width, max_memory_gib, str(directory))
-    return ImageArrayDataset(
-        _stack_releasing(images),
-        torch.tensor([labels[i] for i in kept], dtype=torch.int64),
-        classes,
-        name=dataset_name,
-        skipped=len(skipped),
-        skipped_examples=skipped[:MAX_SKIPPED_EXAMPLES],
+    skips: _Skips,
+) -> tuple[list[torch.Tensor], list[int]]:
+    """Decode every file, record the skipped ones in `skips`, and bring the rest to one size."""
+    decoded = _parallel_map(
+        lambda path: _decode_or_skip(path, decode_size, max_pixels), files, f"decoding {directory.name}"
     )
+    for path, (image, status) in zip(files, decoded):
+        if image is None:
+            skips.add(status, path)
+    kept = [i for i, (image, _) in enumerate(decoded) if image is not None]
+    if not kept:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in skips.counts.items())
+        raise DataError(
+            f"none of the {len(files)} image files in {directory} could be decoded ({reasons}; "
+            f"e.g. {skips.first_examples()[0]}); check that they are valid images"
+        )
+    animated = sum(status == "animated" for _, status in decoded)
+    if animated:
+        logger.info("%s: used the first frame of %d animated image(s)", directory, animated)
+    images = [image for image, _ in decoded if image is not None]
+    del decoded  # the per-image tensors must be freed while they are stacked
+    return _unify_sizes(images, directory), [labels[i] for i in kept]
+
+
+def _warn_skips(skips: _Skips, directory: Path, max_pixels: int) -> None:
+    """One warning per reason, naming up to MAX_SKIPPED_EXAMPLES of the paths left out for it."""
+    messages = {
+        UNREADABLE: "skipped {n} unreadable image(s) in {dir}",
+        TOO_MANY_PIXELS: (
+            "skipped {n} image(s) in {dir} whose header declares more than {limit:,} pixels, without decoding "
+            "them (set " + MAX_PIXELS_ENV_VAR + " to change the limit)"
+        ),
+        LINK_ALREADY_READ: (
+            "did not follow {n} symbolic link(s) in {dir} to folders already part of the data (a loop or a "
+            "duplicate; each folder is read once, so no link is followed twice)"
+        ),
+        UNREADABLE_FOLDER: "could not list {n} folder(s) in {dir}",
+    }
+    for reason, count in skips.counts.items():
+        examples = skips.examples[reason]
+        shown = ", ".join(examples) + (", ..." if count > len(examples) else "")
+        logger.warning("%s: %s", messages[reason].format(n=count, dir=directory, limit=max_pixels), shown)
+
+
+def _warn_cached_skips(dataset: ImageArrayDataset, directory: Path) -> None:
+    """Repeat, in one line, what was left out when the cached copy was built (the files are not read again)."""
+    if dataset.skipped:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in dataset.skip_reasons.items())
+        logger.warning(
+            "%d file(s) or link(s) in %s were left out (%s): %s%s",
+            dataset.skipped,
+            directory,
+            reasons or "unreadable",
+            ", ".join(dataset.skipped_examples),
+            ", ..." if dataset.skipped > len(dataset.skipped_examples) else "",
+        )
 
 
 def _unify_sizes(images: list[torch.Tensor], directory: Path) -> list[torch.Tensor]:
@@ -558,86 +727,48 @@ def _check_memory(count: int, height: int, width: int, max_memory_gib: float, wh
         raise DataError(
             f"{what}: {count} images at {height}x{width} need {needed:.1f} GiB decoded, over the "
             f"{max_memory_gib:g} GiB limit (max_memory_gib); pass a smaller decode_size "
-            "(e.g. 64 or 96). Streaming datasets too large for memory (ImageNet-size) "
-            "is not supported yet."
+            "(e.g. 64 or 96), or stream a folder from disk (data.mode=stream)."
         )
 
 
-def _check_folder_memory(files: list[str], decode_size: int | None, max_memory_gib: float, directory: Path) -> None:
+def _check_folder_memory(
+    files: list[str], decode_size: int | None, max_memory_gib: float, directory: Path, max_pixels: int
+) -> None:
     """Estimate the decoded size before decoding: exact with decode_size, else from sampled headers."""
     if decode_size is not None:
         _check_memory(len(files), decode_size, decode_size, max_memory_gib, str(directory))
         return
-    sizes = sorted(_sample_sizes(files, samples=16), key=lambda size: size[0] * size[1])
+    sizes = [size for size in _sample_sizes(files, samples=16) if size[0] * size[1] <= max_pixels]
+    sizes.sort(key=lambda size: size[0] * size[1])
     if sizes:
         height, width = sizes[len(sizes) // 2]
         _check_memory(len(files), height, width, max_memory_gib, str(directory))
 
 
 def _sample_sizes(files: Sequence[str], samples: int) -> list[tuple[int, int]]:
-    """Read (H, W) from the headers of evenly spaced files; PIL does not decode pixels for this."""
-    from PIL import Image
-
+    """Read (H, W) from the headers of evenly spaced files; no pixel is decoded for this."""
     step = max(1, len(files) // samples)
     sizes = []
     for path in files[::step][:samples]:
         try:
-            with Image.open(path) as handle:
-                width, height = handle.size
-        except Exception:  # unreadable files are reported later by the real decode
+            with open(path, "rb") as stream:
+                size = image_size(stream.read())
+        except OSError:  # unreadable files are reported later by the real decode
             continue
-        sizes.append((height, width))
+        if size is not None:
+            sizes.append((size[1], size[0]))
     return sizes
 
 
 # --------------------------------------------------------------------------- decoded cache
 
 
-def _fingerprint(files: Sequence[str | Path], kind: str, path: str, split: str, decode_size: int | None) -> str:
-    """Hash what identifies the decoded result: location, split, size, and the files' count/bytes/mtime/names.
-
-    The names are included so moving files between class folders invalidates the cache.
-    """
-    total_bytes = 0
-    newest_mtime = 0
-    names = hashlib.sha256()
-    for file in files:
-        stat = os.stat(file)
-        total_bytes += stat.st_size
-        newest_mtime = max(newest_mtime, stat.st_mtime_ns)
-        names.update(str(file).encode("utf-8", "surrogateescape") + b"\0")
-    fields = {
-        "version": CACHE_FORMAT_VERSION,
-        "kind": kind,
-        "path": path,
-        "split": split,
-        "decode_size": decode_size,
-        "count": len(files),
-        "bytes": total_bytes,
-        "mtime_ns": newest_mtime,
-        "names": names.hexdigest(),
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def default_cache_dir() -> Path:
-    """Where decoded datasets are cached: $SELFSUP_CACHE_DIR, else ~/.cache/selfsup/decoded."""
-    return Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_DECODED_CACHE).expanduser()
-
-
-def _cache_path(cache_dir: str | None, label: str, key: str) -> Path:
-    """A readable file name (sanitized label) plus the hash key."""
-    directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40] or "data"
-    return directory / f"{slug}-{key}.pt"
-
-
-def _read_cache(path: Path, name: str) -> ImageArrayDataset | None:
-    """Load a cached dataset; anything unreadable or malformed is ignored (and later rebuilt)."""
-    if not path.is_file():
+def _load_cached(path: Path, name: str) -> ImageArrayDataset | None:
+    """The dataset cached at `path` when it is there and intact (see cache.read_cache), else None."""
+    payload = read_cache(path)
+    if payload is None:
         return None
     try:
-        payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
         dataset = ImageArrayDataset(
             payload["images"],
             payload["labels"],
@@ -645,33 +776,25 @@ def _read_cache(path: Path, name: str) -> ImageArrayDataset | None:
             name=name,
             skipped=int(payload["skipped"]),
             skipped_examples=[str(p) for p in payload["skipped_examples"]],
+            skip_reasons={str(reason): int(count) for reason, count in payload["skip_reasons"].items()},
         )
-    except Exception as exc:  # corrupt, truncated or foreign file: rebuild rather than fail
-        logger.warning("ignoring unreadable decoded-data cache %s (%s); rebuilding it", path, exc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a checksummed file of the wrong shape
+        logger.warning("ignoring malformed decoded-data cache %s (%s); rebuilding it", path, exc)
         return None
     logger.info("loaded decoded %s from cache %s", name, path)
     return dataset
 
 
-def _write_cache(path: Path, dataset: ImageArrayDataset) -> None:
-    """Save atomically (temp file + os.replace) so a crash never leaves a half-written cache."""
-    payload = {
-        "images": dataset.images,
-        "labels": dataset.labels,
-        "classes": dataset.classes,
-        "skipped": dataset.skipped,
-        "skipped_examples": dataset.skipped_examples,
-    }
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as exc:  # a read-only or full disk only costs speed next time
-        logger.warning("could not write decoded-data cache %s: %s", path, exc)
-    finally:
-        if tmp_name is not None and os.path.exists(tmp_name):
-            os.remove(tmp_name)
+def _save_cached(path: Path, dataset: ImageArrayDataset) -> None:
+    """Write the dataset's tensors and skip records to the decoded cache."""
+    write_cache(
+        path,
+        {
+            "images": dataset.images,
+            "labels": dataset.labels,
+            "classes": dataset.classes,
+            "skipped": dataset.skipped,
+            "skipped_examples": dataset.skipped_examples,
+            "skip_reasons": dataset.skip_reasons,
+        },
+    )

@@ -1,20 +1,31 @@
-"""Batches from an in-memory ImageArrayDataset, without torch.utils.data.DataLoader.
+"""Batches from a source: `BatchLoader` for the in-memory ImageArrayDataset, `StreamLoader`
+for a FolderStream decoded in DataLoader workers.
 
-The images already sit in one uint8 tensor, so a batch is a single
+In memory the images already sit in one uint8 tensor, so a batch is a single
 `index_select`; collating thousands of per-item tuples through DataLoader
-workers would be far slower and harder to make exactly resumable.
-The order depends only on (seed, epoch), so every rank computes the same
-permutation and a run can resume mid-epoch at an exact batch.
+workers would be far slower. A streamed folder cannot be held, so there the
+workers read and decode files while the training step runs. Both take their
+order from (seed, epoch) alone, so every rank computes the same permutation,
+a run can resume mid-epoch at an exact batch, and the memory and streaming
+paths visit the same samples in the same order.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 
 from selfsup.data.datasets import ImageArrayDataset
+from selfsup.data.sources import SUBSTITUTE_TRIES, FolderStream, collate_samples
 from selfsup.errors import DataError
+
+MAX_DEFAULT_WORKERS = 8
+PREFETCH_BATCHES = 4  # per worker: enough to ride out one slow file without holding many batches
 
 _MASK64 = (1 << 64) - 1
 
@@ -38,6 +49,8 @@ class BatchLoader:
     samples; rank r takes positions r::world_size. With shuffle=False the order
     is 0..N-1 (evaluation), and drop_last=False keeps the last partial batch.
     """
+
+    workers = 0  # batches are gathered in this process
 
     def __init__(
         self,
@@ -130,3 +143,124 @@ class BatchLoader:
         if self.pin_memory:
             images, labels, index = images.pin_memory(), labels.pin_memory(), index.pin_memory()
         return {"images": images, "labels": labels, "index": index}
+
+    def close(self) -> None:
+        """Release what iterating holds (nothing here; StreamLoader stops its workers)."""
+
+
+def default_workers() -> int:
+    """DataLoader workers when `data.workers` is not set: one per usable core, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cores))
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """In each worker: leave Ctrl-C and SIGTERM to the training process, which stops after the step
+    and saves; a worker killed by them would make the next batch an error instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _EpochBatches:
+    """The batch sampler of a StreamLoader: this rank's batches of the planned epoch, from a start batch.
+
+    One object serves every epoch, so the DataLoader (and its persistent workers) is built once.
+    """
+
+    def __init__(self, batch_size: int, drop_last: bool) -> None:
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.order = torch.zeros(0, dtype=torch.int64)
+        self.start = 0
+
+    def plan(self, order: torch.Tensor, start: int) -> None:
+        self.order, self.start = order, start
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.order), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0) - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in range(self.start, self.start + len(self)):
+            yield self.order[batch * self.batch_size : (batch + 1) * self.batch_size].tolist()
+
+
+class StreamLoader(BatchLoader):
+    """Batches of a FolderStream decoded by `workers` DataLoader worker processes.
+
+    The contract is BatchLoader's: the same (seed, epoch) permutation, rank r taking positions
+    r::world_size of it truncated to equal counts (so every rank runs the same number of steps
+    and none waits in a collective for a batch that never comes), `set_start_batch` for exact
+    mid-epoch resume. Images arrive as uint8 at their own size, padded per batch (see
+    `sources.collate_samples`); augmentation happens on the training device. Workers persist
+    across epochs and prefetch PREFETCH_BATCHES batches each; `workers=0` decodes in this process.
+    Unreadable files are replaced by the next readable one and counted on the source
+    (`dataset.skipped`); a batch for which no readable file is found is a DataError.
+    """
+
+    def __init__(
+        self,
+        dataset: FolderStream,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+        pin_memory: bool = False,
+        workers: int | None = None,
+    ) -> None:
+        super().__init__(dataset, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                         drop_last=drop_last, pin_memory=pin_memory)
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self.workers = default_workers() if workers is None else workers
+        self._batches = _EpochBatches(batch_size, drop_last)
+        self._loader: DataLoader | None = None
+
+    def _data_loader(self) -> DataLoader:
+        if self._loader is None:
+            extra: dict[str, Any] = {}
+            if self.workers > 0:  # workers exit with this process or when the loader is closed
+                extra = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES,
+                         "worker_init_fn": _ignore_stop_signals}
+            self._loader = DataLoader(self.dataset, batch_sampler=self._batches, num_workers=self.workers,
+                                      collate_fn=collate_samples, pin_memory=self.pin_memory, **extra)
+        return self._loader
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        start, self._start_batch = self._start_batch, 0
+        self._batches.plan(self.indices(), start)
+        for batch in self._data_loader():
+            yield self._checked(batch)
+
+    def _checked(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Hand the skipped files to the source's count; refuse a batch with samples no file could fill."""
+        self.dataset.record_skips(batch.pop("skipped"))
+        unusable = batch.pop("unusable")
+        if unusable:
+            raise DataError(
+                f"{self.dataset.name}: none of the {SUBSTITUTE_TRIES + 1} files from "
+                f"{self.dataset.path(unusable[0])} on could be decoded ({self.dataset.skipped} unreadable so far); "
+                "check that the folder holds valid images"
+            )
+        return batch
+
+    def close(self) -> None:
+        """Stop the worker processes (they persist across epochs until this, or until garbage collection)."""
+        self._loader = None  # the DataLoader's iterator shuts its workers down when it is freed
+
+
+def make_loader(dataset: ImageArrayDataset | FolderStream, batch_size: int, *, workers: int | None = None,
+                **kwargs: Any) -> BatchLoader:
+    """The loader a source needs: StreamLoader for a FolderStream, BatchLoader for data in memory.
+
+    `kwargs` are the shared BatchLoader options (shuffle, seed, rank, world_size, drop_last, pin_memory).
+    """
+    if isinstance(dataset, FolderStream):
+        return StreamLoader(dataset, batch_size, workers=workers, **kwargs)
+    return BatchLoader(dataset, batch_size, **kwargs)

@@ -80,7 +80,7 @@ class BarlowTwins(Method):
         self.lambd = cfg.lambd_value
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x1, x2 = self.make_views(batch["images"])
+        x1, x2 = self.make_views(batch)
         # one pass per view, as the official code: the backbone's BN statistics are per view
         z1 = self.projector(self.backbone(x1))
         z2 = self.projector(self.backbone(x2))

@@ -104,6 +104,7 @@ class BEiT(Method):
     paper = "Bao et al. 2022, BEiT: BERT Pre-Training of Image Transformers"
     family = "masked"
     Config = BEiTConfig
+    single_view = True
 
     def __init__(self, cfg: BEiTConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -161,7 +162,11 @@ class BEiT(Method):
         if dist.is_main():
             print(f"beit: fitting the k-means tokenizer ({self.cfg.vocab_size} codes) on up to "
                   f"{self.cfg.tokenizer_patches} patches of the training crops", file=sys.stderr)
-        stats = self.fit_tokenizer(dataset.images)
+        images = getattr(dataset, "images", None)  # a streamed folder holds no decoded images
+        if images is None:
+            raise ConfigError("beit fits its tokenizer on the training images held in memory; with data.mode=stream "
+                              "fit one ahead (selfsup tokenizer fit) and set method.tokenizer_path")
+        stats = self.fit_tokenizer(images)
         if dist.is_main():
             print(f"beit: tokenizer ready in {stats['seconds']:.1f} s ({stats['patches']} patches), "
                   f"{stats['codes_used']} of {stats['codes']} codes used, quantization MSE "
@@ -197,7 +202,7 @@ class BEiT(Method):
         return k
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x = self.layout(self.views[0](batch["images"]))
+        (x,) = self.make_views(batch)
         ids = self.tokenize(x)  # (B, N) of the unmasked crop
         grid = self.backbone.grid_of(x)
         n = grid[0] * grid[1]

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
@@ -86,7 +87,7 @@ class BYOL(Method):
         self.target_projector = make_teacher(self.projector)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x1, x2 = self.make_views(batch["images"])
+        x1, x2 = self.make_views(batch)
         z1 = self.projector(self.backbone(x1))
         z2 = self.projector(self.backbone(x2))
         q1, q2 = self.predictor(z1), self.predictor(z2)
@@ -104,6 +105,9 @@ class BYOL(Method):
         """τ for the update that follows optimizer step ``progress.step`` (k = step - 1, counted
         from 0 as the official code's global_step, so the first update uses τ_base)."""
         return momentum_schedule(max(0, progress.step - 1), progress.total_steps, self.cfg.tau_base, self.cfg.tau_final)
+
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.target_backbone, self.backbone), (self.target_projector, self.projector)]
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:

@@ -159,6 +159,7 @@ class Data2Vec2(Method):
              "Representations for Vision, Speech and Language")
     family = "masked"
     Config = Data2Vec2Config
+    single_view = True  # teacher and student see the same crop
 
     def __init__(self, cfg: Data2Vec2Config, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -178,9 +179,6 @@ class Data2Vec2(Method):
             if hasattr(m, "drop_prob"):
                 m.drop_prob = 0.0
         self.register_buffer("ema_decay_now", torch.tensor(float(cfg.ema_decay), dtype=torch.float64))
-
-    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.layout(self.views[0](images))]  # one view: teacher and student see the same crop
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor) -> torch.Tensor:
@@ -214,7 +212,7 @@ class Data2Vec2(Method):
         from selfsup.pretext.masking import mask_to_indices
 
         c = self.cfg
-        (x,) = self.make_views(batch["images"])
+        (x,) = self.make_views(batch)
         b, m = x.shape[0], c.clone_batch
         grid = self.backbone.grid_of(x)
         y = self.targets(x)  # (B, N, D) float32
@@ -249,6 +247,9 @@ class Data2Vec2(Method):
         """τ for the update after optimizer step ``progress.step`` (official ``set_num_updates``)."""
         return annealed_decay(progress.step, self.cfg.ema_decay, self.cfg.ema_end_decay,
                               self.ema_anneal_end_step(progress))
+
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.teacher, self.backbone)]
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:

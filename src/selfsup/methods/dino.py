@@ -35,7 +35,10 @@ models) and 8 local crops of 96 (scale 0.05-0.4).
 Implementation notes: views of one resolution go through a backbone together (one pass per
 resolution, the official ``MultiCropWrapper``); a timm ViT is switched to dynamic input size so
 the 96-px crops interpolate its position embeddings. The center is updated right after the loss
-in ``forward``, as the official loss module does (per micro-batch under gradient accumulation).
+with the teacher outputs of ``forward``, as the official loss module does, but stored in
+``on_step_end``, so a step the trainer drops (non-finite loss) does not move it; under gradient
+accumulation each micro-batch's update is applied in order, every micro-batch's loss using the
+centre of the previous step.
 Freezing the last layer zeroes its gradients in a hook and restores its values after the step
 (see ``swav.ParamFreezer``); the official code drops the gradients after clipping, so there its
 gradient still counts in the clipping norm. ``metrics["monitor/student_teacher_cos"]`` is the
@@ -137,6 +140,7 @@ class DINO(Method):
     paper = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers"
     family = "distillation"
     Config = DINOConfig
+    uses_local_crops = True  # multi-crop: trains on the augment.n_local small crops too
 
     def __init__(self, cfg: DINOConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -169,7 +173,7 @@ class DINO(Method):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         self.freezer.before_step()
-        views = self.make_views(batch["images"])
+        views = self.make_views(batch)
         n = views[0].shape[0]
         feats = forward_by_resolution(self.backbone, views)
         student = self.head(torch.cat(feats)).split(n)
@@ -179,7 +183,7 @@ class DINO(Method):
         temp = self.teacher_temp()
         loss = dino_loss(student, teacher, self.center, self.cfg.student_temp, temp)
         with torch.no_grad():
-            self.center.copy_(dino_center_update(self.center, teacher, self.cfg.center_momentum))
+            defer_center(self, self.center, teacher, self.cfg.center_momentum)
             cos = torch.stack([F.cosine_similarity(student[t].float(), teacher[t].float(), dim=-1).mean()
                                for t in range(self.n_global)]).mean()
         uniformity = prediction_uniformity(student[0], self.cfg.student_temp)
@@ -192,17 +196,29 @@ class DINO(Method):
         return momentum_schedule(max(0, progress.step - 1), progress.total_steps, self.cfg.momentum_teacher,
                                  self.cfg.momentum_teacher_end)
 
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
+
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
-        teacher_step(self, progress, [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)])
+        teacher_step(self, progress, self.teacher_pairs())
 
 
 def teacher_step(method, progress: Progress, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
     """After each optimizer step of DINO and DINOv2: release the last layer once its frozen steps
     are over, move every teacher towards its student with the momentum of this step, then advance
     the clock that the temperature and centre schedules read."""
+    Method.on_step_end(method, progress)  # the deferred centre updates
     method.freezer.after_step()
     m = method.momentum(progress)
     for teacher, student in pairs:
         ema_update(teacher, student, m)
     method.clock.tick(progress)
+
+
+def defer_center(method: Method, center: torch.Tensor, teacher, momentum: float) -> None:
+    """Move ``center`` towards the teacher's global-batch mean after the step (DINO eq. 4,
+    c <- m c + (1 - m) mean). The mean is reduced across ranks here, in ``forward``, where every
+    rank runs the same collectives; the buffer changes only in ``on_step_end``, for a kept step."""
+    batch_mean = dino_center_update(torch.zeros_like(center), teacher, momentum=0.0).float()
+    method.defer(lambda: center.copy_((center.float() * momentum + batch_mean * (1.0 - momentum)).to(center.dtype)))

@@ -65,10 +65,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup.errors import ConfigError
-from selfsup.losses import (dino_center_update, dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher,
+from selfsup.losses import (dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher,
                             swav_loss)
 from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
-from selfsup.methods.dino import DINOHead, teacher_step
+from selfsup.methods.dino import DINOHead, defer_center, teacher_step
 from selfsup.methods.swav import ParamFreezer, TrainingClock
 from selfsup.pretext.masking import block_masking
 from selfsup.pretext.multicrop import forward_by_resolution
@@ -186,6 +186,7 @@ class DINOv2(Method):
     paper = "Oquab et al. 2024, DINOv2: Learning Robust Visual Features without Supervision"
     family = "distillation"
     Config = DINOv2Config
+    uses_local_crops = True  # multi-crop: trains on the augment.n_local small crops too
 
     def __init__(self, cfg: DINOv2Config, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -262,7 +263,7 @@ class DINOv2(Method):
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
         cfg = self.cfg
         self.freezer.before_step()
-        views = self.make_views(batch["images"])
+        views = self.make_views(batch)
         n = views[0].shape[0]
         x_global = torch.cat(views[: self.n_global])  # crop-major: crop 0 of every image, then crop 1, ...
         do_ibot = cfg.ibot_loss_weight > 0 and int(x_global.shape[0] * cfg.mask_probability) > 0
@@ -317,18 +318,21 @@ class DINOv2(Method):
 
         with torch.no_grad():  # centers move after they were used, as the official update
             if cfg.centering == "centering":
-                self.center.copy_(dino_center_update(self.center, t_cls_out, cfg.center_momentum))
+                defer_center(self, self.center, t_cls_out, cfg.center_momentum)
                 if do_ibot:
                     patch_mean = t_patch_out.float().mean(dim=0, keepdim=True)  # per process, then averaged
-                    self.ibot_center.copy_(dino_center_update(self.ibot_center, patch_mean, cfg.center_momentum))
+                    defer_center(self, self.ibot_center, patch_mean, cfg.center_momentum)
             cos = F.cosine_similarity(s_out[: n * self.n_global].float(), t_cls_out.float(), dim=-1).mean()
         metrics["monitor/student_teacher_cos"] = cos
         metrics["monitor/uniformity"] = prediction_uniformity(s_crops[0], cfg.student_temp)
         return StepOutput(loss=loss, metrics=metrics, embeddings=s_cls[:n].detach())
 
-    @torch.no_grad()
-    def on_step_end(self, progress: Progress) -> None:
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs = [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
         if self.ibot_head is not None:
             pairs.append((self.teacher_ibot_head, self.ibot_head))
-        teacher_step(self, progress, pairs)
+        return pairs
+
+    @torch.no_grad()
+    def on_step_end(self, progress: Progress) -> None:
+        teacher_step(self, progress, self.teacher_pairs())

@@ -46,9 +46,11 @@ reads the EMA target encoder as the official evaluation does; ``selfsup export``
 context block to the top-left corner of a 14x14 grid), and ``min_keep`` binds the context only
 (the official collator also demands it of each target block, which never ends on small grids).
 The masks are cut to the shortest in each rank's batch (the official collator: in each GPU's
-batch of 128). The lr warm-up starts at 0, not at 2e-4 (the trainer's warm-up has no start
-value). Masks come from the global RNG the trainer seeds per step, so a resumed run draws the
-same ones. The collapse monitor watches the mean of the context tokens;
+batch of 128). The lr warm-up is the official one, linear from ``start_lr`` 2e-4 to 1e-3: both
+recipes set ``optim.warmup_start_lr: 2.0e-4``, where the trainer's schedule starts (not scaled
+with the batch; the I-JEPA kNN rows of BENCHMARKS.md, run on 2026-11-29 and 30, warmed up from 0).
+Masks come from the global RNG the trainer seeds per step, so a resumed run draws the same ones.
+The collapse monitor watches the mean of the context tokens;
 ``metrics["ijepa/target_token_std"]`` is the mean over features of the target tokens' standard
 deviation across the batch (0 when every patch of every image maps to the same vector).
 """
@@ -226,7 +228,7 @@ class IJEPA(Method):
         return torch.cat([gather_tokens(h, t) for t in blocks])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        (x,) = self.make_views(batch["images"])
+        (x,) = self.make_views(batch)
         context, blocks = self.masks(x.shape[0], x.device)
         kt = min(t.shape[1] for t in blocks)  # one length for all blocks (the official cut)
         blocks = [t[:, :kt] for t in blocks]
@@ -250,6 +252,9 @@ class IJEPA(Method):
         """m for the update after optimizer step ``progress.step`` (update index step - 1)."""
         start, end = self.cfg.ema
         return linear_momentum(max(0, progress.step - 1), progress.total_steps * self.cfg.ipe_scale, start, end)
+
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.target_backbone, self.backbone)]
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:

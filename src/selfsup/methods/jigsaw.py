@@ -62,7 +62,7 @@ from torch import nn
 
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
-from selfsup.methods.base import Method, MethodConfig, StepOutput
+from selfsup.methods.base import Method, MethodConfig, StepOutput, view_inputs
 from selfsup.methods.rotation import classification_loss
 from selfsup.pretext.permutations import (
     CRITERIA,
@@ -134,6 +134,7 @@ class Jigsaw(Method):
     paper = "Noroozi & Favaro 2016, Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles"
     family = "pretext"
     Config = JigsawConfig
+    single_view = True
 
     def __init__(self, cfg: JigsawConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -159,13 +160,16 @@ class Jigsaw(Method):
         in_dim = self.n_tiles * dim if cfg.input == "tiles" else dim
         self.classifier = mlp(in_dim, cfg.hidden_dim, cfg.n_permutations, 2)
 
-    def make_puzzles(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def make_puzzles(self, images: torch.Tensor, image_sizes: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shuffled tiles ``(B, T, C, t, t)`` of a uint8 batch (each normalized on its own when
         ``tile_norm``) and the index of the permutation each image got ``(B,)``: position i of
-        puzzle b holds tile ``permutations[labels[b], i]`` (cells numbered row-major)."""
+        puzzle b holds tile ``permutations[labels[b], i]`` (cells numbered row-major).
+        ``image_sizes`` (B, 2): each image's own size in a padded batch (see ``Method.make_views``).
+        The view is made here, not by ``make_views``: the tiles need its grayscale draws."""
         view = self.views[0]
         batch, _, height, width = images.shape
-        params = view.sample_params(batch, height, width, device=images.device)
+        params = view.sample_params(batch, height, width, device=images.device, image_sizes=image_sizes)
         x = view.apply_params(images, params)
         color = None if params.grayscale is None else ~params.grayscale
         top, left = tile_positions(batch, view.cfg.size, self.cfg.grid, self.tile, self.cfg.channel_jitter,
@@ -207,7 +211,7 @@ class Jigsaw(Method):
         return self.backbone(self.layout(flat))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        tiles, labels = self.make_puzzles(batch["images"])
+        tiles, labels = self.make_puzzles(*view_inputs(batch))
         n = tiles.shape[0]
         if self.cfg.input == "image":  # position i of the grid holds tile permutations[label, i]
             feats = self.backbone(self.layout(assemble_tiles(tiles, self.cfg.grid)))

@@ -127,6 +127,7 @@ class MAE(Method):
     paper = "He et al. 2022, Masked Autoencoders Are Scalable Vision Learners"
     family = "masked"
     Config = MAEConfig
+    single_view = True
 
     def __init__(self, cfg: MAEConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -152,13 +153,10 @@ class MAE(Method):
         return pred, self.backbone.patchify(x), masks, latent
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x = self.make_views(batch["images"])[0]
+        x = self.make_views(batch)[0]
         pred, target, masks, latent = self.masked_forward(x)
         loss = mae_loss(pred, target, masks.mask, norm_pix_loss=self.cfg.norm_pix_loss)
         return StepOutput(loss=loss, embeddings=self.backbone.pool_tokens(latent).detach())
-
-    def make_views(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [self.layout(self.views[0](images))]
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,7 +106,6 @@ class MoCoV2(Method):
         self.key_projector = make_teacher(self.projector)
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._pending: list[torch.Tensor] = []  # this step's global keys, enqueued in on_step_end
 
     def _grouped(self, backbone: nn.Module, projector: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """projector(backbone(x)) with BN statistics per group of n / bn_splits samples."""
@@ -132,7 +131,7 @@ class MoCoV2(Method):
         return dist.gather(k, grad=False)[torch.argsort(perm)]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x_q, x_k = self.make_views(batch["images"])
+        x_q, x_k = self.make_views(batch)
         n, groups = x_q.shape[0], self.cfg.bn_splits
         if n % groups:
             raise ConfigError(f"method.bn_splits={groups} must divide the per-process batch ({n})")
@@ -145,18 +144,18 @@ class MoCoV2(Method):
         k = k_all[start:start + n]
         q = self._grouped(self.backbone, self.projector, x_q)
         loss = moco_info_nce(q, k, self.queue, self.cfg.temperature)
-        if torch.is_grad_enabled():  # a training step: its keys join the queue after the update
-            self._pending.append(k_all)
+        # the keys join the queue after the update, and only if the trainer keeps the step: the
+        # keys of a dropped (non-finite) step may be NaN themselves
+        self.defer(lambda: enqueue(self.queue, self.queue_ptr, k_all))
         with torch.no_grad():
             cos = (F.normalize(q.float(), dim=1) * k).sum(dim=1).mean()
         return StepOutput(loss=loss, metrics={"monitor/student_teacher_cos": cos}, embeddings=q.detach())
 
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.key_backbone, self.backbone), (self.key_projector, self.projector)]
+
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
+        super().on_step_end(progress)  # enqueue this step's keys (one batch per micro-batch)
         ema_update(self.key_backbone, self.backbone, self.cfg.momentum)
         ema_update(self.key_projector, self.projector, self.cfg.momentum)
-        if self._pending:
-            # normally one batch of keys (or one per accumulated micro-batch); after a step the
-            # trainer skipped (non-finite loss) its keys are still valid and simply join too
-            enqueue(self.queue, self.queue_ptr, torch.cat(self._pending))
-            self._pending.clear()

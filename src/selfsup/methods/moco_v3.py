@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
@@ -95,7 +96,7 @@ class MoCoV3(Method):
         self.ema = EMA(cfg.momentum, cfg.momentum_end)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x1, x2 = self.make_views(batch["images"])
+        x1, x2 = self.make_views(batch)
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
         q1, q2 = self.predictor(z1), self.predictor(z2)
         with torch.no_grad():
@@ -106,6 +107,9 @@ class MoCoV3(Method):
             cos = 0.5 * (F.cosine_similarity(q1.float(), k2.float()).mean()
                          + F.cosine_similarity(q2.float(), k1.float()).mean())
         return StepOutput(loss=loss, metrics={"monitor/student_teacher_cos": cos}, embeddings=z1.detach())
+
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.momentum_backbone, self.backbone), (self.momentum_projector, self.projector)]
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:

@@ -86,6 +86,7 @@ class Rotation(Method):
     paper = "Gidaris et al. 2018, Unsupervised Representation Learning by Predicting Image Rotations"
     family = "pretext"
     Config = RotationConfig
+    single_view = True
 
     def __init__(self, cfg: RotationConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -96,7 +97,7 @@ class Rotation(Method):
             self.head = torch.nn.Linear(dim, N_ROTATIONS)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x = self.views[0](batch["images"])  # crop + flip: the base view, before rotating
+        (x,) = self.make_views(batch)  # crop + flip: the base view, before rotating
         n = x.shape[0]
         rotated, labels = rotate_batch(x, self.cfg.all_rotations)
         feats = self.backbone(self.layout(rotated))  # one pass over all 4N images

@@ -54,7 +54,7 @@ class SimCLR(Method):
         self.projector = ProjectionHead(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x1, x2 = self.make_views(batch["images"])
+        x1, x2 = self.make_views(batch)
         n = x1.shape[0]
         # one backbone pass over both views: BN statistics over the 2N images, half the launches
         z = self.projector(self.backbone(torch.cat([x1, x2])))

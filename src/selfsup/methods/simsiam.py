@@ -15,16 +15,17 @@ including the output (no ReLU there; the official code makes that BN affine-free
 2048 -> 512 -> 2048 with BN+ReLU on the hidden layer and neither on the output (a bottleneck);
 SGD with momentum 0.9, lr = 0.05 x batch/256, weight decay 1e-4 on all parameters (BN and
 biases included), batch 512, cosine decay over 100 epochs, no warm-up below batch 1024; the
-predictor's lr is kept constant (not decayed, table 1c: 68.1% vs 67.7%). Views: crop scale
-(0.2, 1), flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur
-σ in [0.1, 2] with p = 0.5 (official code). CIFAR-10 (appendix D): CIFAR ResNet-18, a 2-layer
-projection MLP with 2048-d outputs, lr 0.03 x batch/256, weight decay 5e-4, batch 512, 800
-epochs, 32 px, no blur.
-
-Deviation: the constant predictor lr needs the trainer to keep one parameter group off the lr
-schedule, which it does not do yet, so the predictor's lr follows the cosine schedule like the
-rest (the paper's table 1 baseline, 67.7%). ``fixed_lr_modules`` names the submodules the
-trainer should exempt once it supports that.
+predictor's lr is kept constant (not decayed; sec. 4.2 and table 1: 68.1% vs 67.7% with a decayed
+one). That is the variant the official code runs for its 100-epoch result (facebookresearch/simsiam
+README: ``main_simsiam.py --fix-pred-lr``, "a non-decaying predictor learning rate ... the last row
+of Table 1"), and the one implemented here: ``fixed_lr_modules`` puts the predictor's parameters in
+optimizer groups marked ``fixed_lr`` (``train.optim.param_groups``), which the trainer holds at the
+base lr (lr x batch/256, as the official ``init_lr``) at every step, with neither warm-up nor decay,
+while the encoder's groups follow the schedule. Views: crop scale (0.2, 1), flip, colour jitter
+(0.4, 0.4, 0.4, 0.1) with p = 0.8, grayscale p = 0.2, Gaussian blur σ in [0.1, 2] with p = 0.5
+(official code). CIFAR-10 (appendix D): CIFAR ResNet-18, a 2-layer projection MLP with 2048-d
+outputs, lr 0.03 x batch/256, weight decay 5e-4, batch 512, 800 epochs, 32 px, no blur; the
+CIFAR recipe holds the predictor's lr constant as well.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class SimSiam(Method):
     paper = "Chen & He 2021, Exploring Simple Siamese Representation Learning"
     family = "distillation"
     Config = SimSiamConfig
-    # the paper trains these at a constant lr (not yet honoured by the trainer; see module doc)
+    # optimizer hint: these train at the constant base lr, off the schedule (sec. 4.2, official --fix-pred-lr)
     fixed_lr_modules: ClassVar[tuple[str, ...]] = ("predictor",)
 
     def __init__(self, cfg: SimSiamConfig, backbone, augment) -> None:
@@ -74,7 +75,7 @@ class SimSiam(Method):
         self.predictor = mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim, 2)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x1, x2 = self.make_views(batch["images"])
+        x1, x2 = self.make_views(batch)
         # one pass per view, as the official code: BN statistics are those of one view
         z1 = self.projector(self.backbone(x1))
         z2 = self.projector(self.backbone(x2))

@@ -14,7 +14,8 @@ and q_i is then predicted from every other crop v (global and local, multi-crop 
 
     L = 1/|G| Σ_{i∈G} 1/(V-1) Σ_{v≠i} -Σ_k q_i^(k) log softmax(z_vᵀC / τ)^(k),   τ = 0.1.
 
-The prototypes are re-normalized before every forward, and they get no update during the first
+The prototypes are kept unit-norm (the official code re-normalizes them before every forward; here
+after every kept update, which gives every forward the same values), and they get no update during the first
 epoch (the official ``freeze_prototypes_niters`` = 313 iterations, one epoch at batch 4096).
 With small batches an optional queue of the global crops' projections from earlier batches
 (``queue_length``, from epoch ``queue_start_epoch``) enlarges the batch Sinkhorn sees; the
@@ -32,7 +33,10 @@ resolution, as the official multi-resolution forward), and the projection head s
 one batch, so its BN statistics span every crop. Prototype freezing zeroes the prototypes'
 gradients in a hook (before any all-reduce and the optimizer) and restores their values after
 the step, so weight decay and momentum cannot move them either; the official code sets their
-``grad`` to None instead, which leaves no trace in the optimizer state.
+``grad`` to None instead, which leaves no trace in the optimizer state. The queue push and the
+prototype normalization happen in ``on_step_end``, only for steps the trainer keeps: a dropped
+non-finite step leaves neither NaN projections in the queue nor anything else behind. Under
+gradient accumulation every micro-batch therefore sees the queue of the previous step.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from selfsup import dist
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import sinkhorn_knopp, swav_loss
+from selfsup.losses._precision import autocast_off
 from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
 from selfsup.pretext.multicrop import allow_any_input_size, forward_by_resolution
 from selfsup.registry import register_method
@@ -109,11 +114,14 @@ class ParamFreezer:
             self._saved = [p.detach().clone() for p in self.params]
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        if self._saved is not None:
-            for p, saved in zip(self.params, self._saved):
-                p.copy_(saved)
-            self._saved = None
+    def after_step(self) -> bool:
+        """Write the saved values back; True when the parameters were frozen in this step."""
+        if self._saved is None:
+            return False
+        for p, saved in zip(self.params, self._saved):
+            p.copy_(saved)
+        self._saved = None
+        return True
 
 
 def multicrop_sizes(augment) -> set[int]:
@@ -155,6 +163,7 @@ class SwAV(Method):
     paper = "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"
     family = "clustering"
     Config = SwAVConfig
+    uses_local_crops = True  # multi-crop: trains on the augment.n_local small crops too
 
     def __init__(self, cfg: SwAVConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -171,16 +180,18 @@ class SwAV(Method):
         # the queue of global-crop projections (None, and not in checkpoints, when off)
         queue = torch.zeros(self.n_global, cfg.queue_length, cfg.proj_dim) if cfg.queue_length else None
         self.register_buffer("queue", queue)
+        self.normalize_prototypes()
+        # checkpoints of older versions hold the prototypes as the last update left them
+        self.register_load_state_dict_post_hook(lambda module, keys: module.normalize_prototypes())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        with torch.no_grad():  # unit prototypes, re-normalized before every forward (official)
-            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         self.freezer.before_step()
-        views = self.make_views(batch["images"])
+        views = self.make_views(batch)
         n = views[0].shape[0]
         feats = forward_by_resolution(self.backbone, views)
         z = F.normalize(self.projector(torch.cat(feats)), dim=1)
-        scores = self.prototypes(z)
+        with autocast_off(z):  # the logits: cosines / τ = 0.1, and Sinkhorn's exp(s / ε = 0.05), in fp32
+            scores = F.linear(z.float(), self.prototypes.weight.float())
         z_crops, score_crops = z.split(n), scores.split(n)
         codes = [self.codes(i, score_crops[i], z_crops[i]) for i in range(self.n_global)]
         loss = swav_loss(score_crops, codes, self.cfg.temperature)
@@ -207,16 +218,32 @@ class SwAV(Method):
                               f"{z_all.shape[0]}; use 0 (off) or a multiple of the batch")
         per_rank = queue.shape[0] // dist.world_size()
         mine = queue[dist.rank() * per_rank:(dist.rank() + 1) * per_rank]
-        with_queue = sinkhorn_knopp(torch.cat([mine @ self.prototypes.weight.T.float(), scores.float()]),
+        with autocast_off(mine):
+            queued = mine.float() @ self.prototypes.weight.float().T
+        with_queue = sinkhorn_knopp(torch.cat([queued, scores.float()]),
                                     eps, iters)[-n:]
         full = (queue[-1] != 0).any()  # stays a tensor: no host sync
         q = torch.where(full, with_queue, sinkhorn_knopp(scores, eps, iters))
-        m = z_all.shape[0]
-        queue[m:] = queue[:-m].clone()
-        queue[:m] = z_all
+        self.defer(lambda: push_front(queue, z_all))  # after the update, only if the step is kept
         return q
 
     @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Unit prototypes. The official code re-normalizes them before every forward; doing it after
+        every kept update (and at construction and load) gives every forward the same unit
+        prototypes, while a dropped step leaves them untouched."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
-        self.freezer.after_step()
+        super().on_step_end(progress)  # queue pushes deferred by ``codes``
+        if not self.freezer.after_step():  # frozen: restored to the unit vectors they were
+            self.normalize_prototypes()
         self.clock.tick(progress)
+
+
+def push_front(queue: torch.Tensor, z: torch.Tensor) -> None:
+    """Shift ``queue`` (length, dim) back by len(z) rows, dropping the oldest, and put ``z`` first."""
+    m = z.shape[0]
+    queue[m:] = queue[:-m].clone()
+    queue[:m] = z

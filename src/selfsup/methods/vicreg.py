@@ -78,7 +78,7 @@ class VICReg(Method):
         self.projector = mlp(backbone.out_dim, cfg.proj_hidden_dim, cfg.proj_dim, cfg.proj_layers, bias_last=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        x1, x2 = self.make_views(batch["images"])
+        x1, x2 = self.make_views(batch)
         # one pass per view, as the official code: the backbone's BN statistics are per view
         z1 = self.projector(self.backbone(x1))
         z2 = self.projector(self.backbone(x2))

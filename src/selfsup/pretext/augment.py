@@ -258,8 +258,8 @@ def _apply_to_selected(
 
 def random_resized_crop_boxes(
     batch: int,
-    height: int,
-    width: int,
+    height: int | Tensor,
+    width: int | Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
     generator: torch.Generator | None = None,
@@ -271,20 +271,63 @@ def random_resized_crop_boxes(
     10 candidates are drawn at once and the first valid one is picked with an
     argmax, so the cost is one small kernel per step even on CUDA. Samples with
     no valid candidate get torchvision's fallback: a center crop of the whole
-    image clamped to the allowed aspect range. Returns float32 (B, 4) holding
-    integer values.
+    image clamped to the allowed aspect range. `height` and `width` are the
+    image size shared by the batch, or (B,) tensors giving each sample's own
+    size (a padded batch of images of different sizes: each box then lies
+    inside its own image, at the top-left of the canvas). Returns float32
+    (B, 4) holding integer values.
     """
     device = torch.device(device)
+    if torch.is_tensor(height) or torch.is_tensor(width):
+        return _per_sample_boxes(batch, height, width, scale, ratio, generator, device)
     area = float(height * width)
+    fallback_h, fallback_w = _center_fallback_size(height, width, ratio)
+    return _draw_boxes(batch, height, width, area, (fallback_h, fallback_w), scale, ratio, generator, device)
+
+
+def _per_sample_boxes(
+    batch: int,
+    height: int | Tensor,
+    width: int | Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """`random_resized_crop_boxes` with one (height, width) per sample, as float32 (B,) columns."""
+    heights = torch.as_tensor(height, dtype=torch.float32).to(device).expand(batch)
+    widths = torch.as_tensor(width, dtype=torch.float32).to(device).expand(batch)
+    fallback = _center_fallback_sizes(heights, widths, ratio)
+    return _draw_boxes(batch, heights, widths, heights * widths, fallback, scale, ratio, generator, device)
+
+
+def _draw_boxes(
+    batch: int,
+    height: int | Tensor,
+    width: int | Tensor,
+    area: float | Tensor,
+    fallback: tuple[float | Tensor, float | Tensor],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """The draws of `random_resized_crop_boxes`; sizes are Python numbers or (B,) tensors.
+
+    With tensors every per-sample size becomes a (B, 1) column against the
+    (B, CROP_TRIES) candidates; with numbers the arithmetic is the scalar one, so
+    batches of one size keep their exact previous boxes.
+    """
+    column = (lambda value: value.unsqueeze(1)) if torch.is_tensor(height) else (lambda value: value)
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    target_area = _uniform((batch, CROP_TRIES), scale[0], scale[1], generator, device).mul_(area)
+    target_area = _uniform((batch, CROP_TRIES), scale[0], scale[1], generator, device).mul_(column(area))
     aspect = _uniform((batch, CROP_TRIES), log_low, log_high, generator, device).exp_()
     widths = torch.sqrt(target_area * aspect).round_()
     heights = torch.sqrt(target_area / aspect).round_()
-    valid = (widths > 0) & (widths <= width) & (heights > 0) & (heights <= height)
+    valid = (widths > 0) & (widths <= column(width)) & (heights > 0) & (heights <= column(height))
     first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)
     found = valid.any(dim=1)
-    fallback_h, fallback_w = _center_fallback_size(height, width, ratio)
+    fallback_h, fallback_w = fallback
     crop_w = torch.where(found, widths.gather(1, first).squeeze(1), fallback_w)
     crop_h = torch.where(found, heights.gather(1, first).squeeze(1), fallback_h)
     # Offsets like randint(0, side - crop + 1); the clamp guards the u -> 1 rounding edge.
@@ -305,7 +348,23 @@ def _center_fallback_size(height: int, width: int, ratio: tuple[float, float]) -
     return float(height), float(width)
 
 
-def crop_flip_grid(boxes: Tensor, flip: Tensor, height: int, width: int, size: int) -> Tensor:
+def _center_fallback_sizes(heights: Tensor, widths: Tensor, ratio: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """`_center_fallback_size` per sample, for (B,) float32 heights and widths.
+
+    Computed in float64 so the rounding matches the scalar version's Python
+    arithmetic (torch.round, like round(), rounds halves to even).
+    """
+    h, w = heights.double(), widths.double()
+    in_ratio = w / h
+    narrow, wide = in_ratio < min(ratio), in_ratio > max(ratio)
+    out_h = torch.where(narrow, torch.round(w / min(ratio)), h)
+    out_w = torch.where(wide, torch.round(h * max(ratio)), w)
+    return out_h.float(), out_w.float()
+
+
+def crop_flip_grid(
+    boxes: Tensor, flip: Tensor, height: int, width: int, size: int, image_sizes: Tensor | None = None
+) -> Tensor:
     """`grid_sample` grid (B, size, size, 2) mapping each output pixel into its crop box, mirrored where `flip`.
 
     Equivalent to `affine_grid` with theta = [[±w/W, 0, cx], [0, h/H, cy]], but
@@ -316,19 +375,28 @@ def crop_flip_grid(boxes: Tensor, flip: Tensor, height: int, width: int, size: i
     [left, left + w) has center (2*left + w)/W - 1 and half-extent w/W, and
     output pixel j sits at (2j + 1)/size - 1. Negating the x half-extent
     mirrors the crop about its own center: the flip costs nothing.
+
+    `image_sizes` (B, 2) gives each sample's own (h, w) inside a canvas of
+    height x width padded at the bottom and right: sample points past the
+    center of an image's last row or column are clamped onto it, so the
+    padding never bleeds in (the canvas edge itself is left to 'border').
     """
     top, left, crop_h, crop_w = (column.view(-1, 1) for column in boxes.unbind(dim=1))
     base = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1
     half_w = torch.where(flip.view(-1, 1), -crop_w, crop_w) / width
     grid_x = ((2 * left + crop_w) / width - 1) + half_w * base  # (B, size): per column
     grid_y = ((2 * top + crop_h) / height - 1) + (crop_h / height) * base  # (B, size): per row
+    if image_sizes is not None:
+        own_h, own_w = (column.view(-1, 1).to(boxes.dtype) for column in image_sizes.unbind(dim=1))
+        grid_x = torch.minimum(grid_x, (2 * own_w - 1) / width - 1)  # center of the last own column
+        grid_y = torch.minimum(grid_y, (2 * own_h - 1) / height - 1)
     batch = boxes.shape[0]
     return torch.stack(
         [grid_x.unsqueeze(1).expand(batch, size, size), grid_y.unsqueeze(2).expand(batch, size, size)], dim=-1
     )
 
 
-def crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
+def crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int, image_sizes: Tensor | None = None) -> Tensor:
     """Crop each sample's box, resize it to size x size and mirror it where `flip`, in ONE resampling.
 
     Bilinear `grid_sample` with the flip folded into the grid: measured
@@ -336,11 +404,12 @@ def crop_flip(images: Tensor, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
     masked flip (benchmarks/augment_speed.py). The sample points are the pixel-center positions of torchvision's
     crop-then-resize (antialias=False); 'border' padding repeats edge pixels
     for points just outside the image when a crop touching the border is
-    upscaled. Shrunk crops are not antialiased, which is negligible for
+    upscaled, and `image_sizes` (B, 2) does the same at each image's own edge
+    in a padded batch (see `crop_flip_grid`). Shrunk crops are not antialiased, which is negligible for
     SimCLR's 256 -> 224 (at most 1.14x) but would alias for much larger inputs.
     """
     height, width = images.shape[-2:]
-    grid = crop_flip_grid(boxes.to(images.dtype), flip, height, width, size)
+    grid = crop_flip_grid(boxes.to(images.dtype), flip, height, width, size, image_sizes)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -665,6 +734,7 @@ class AugmentParams:
     blur: Tensor | None  # (B,) bool
     blur_sigma: Tensor | None  # (B,) float
     solarize: Tensor | None  # (B,) bool
+    image_sizes: Tensor | None = None  # (B, 2) each image's (h, w) in a padded batch; None: the whole canvas
 
     def __getitem__(self, samples: slice) -> AugmentParams:
         """The parameters of a contiguous group of samples."""
@@ -680,6 +750,7 @@ class AugmentParams:
             blur=part(self.blur),
             blur_sigma=part(self.blur_sigma),
             solarize=part(self.solarize),
+            image_sizes=part(self.image_sizes),
         )
 
 
@@ -707,11 +778,18 @@ class Augment(torch.nn.Module):
     def extra_repr(self) -> str:
         return repr(self.cfg)
 
-    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Augment a (B, 3, H, W) uint8 (or [0, 1] float) batch; draws from `generator` or the default RNG."""
+    def forward(
+        self, images: Tensor, generator: torch.Generator | None = None, image_sizes: Tensor | None = None
+    ) -> Tensor:
+        """Augment a (B, 3, H, W) uint8 (or [0, 1] float) batch; draws from `generator` or the default RNG.
+
+        `image_sizes` (B, 2) int: each sample's own (h, w) when the batch holds images of different
+        sizes padded at the bottom and right (the streaming loader's batches); each crop is then
+        drawn inside its own image, as RandomResizedCrop does on the whole decoded image.
+        """
         _check_images(images)
         batch, _, height, width = images.shape
-        params = self.sample_params(batch, height, width, generator, images.device)
+        params = self.sample_params(batch, height, width, generator, images.device, image_sizes)
         return self.apply_params(images, params)
 
     def sample_params(
@@ -721,11 +799,19 @@ class Augment(torch.nn.Module):
         width: int,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
+        image_sizes: Tensor | None = None,
     ) -> AugmentParams:
-        """Draw all per-sample parameters, in a fixed order, from `generator` on `device`."""
+        """Draw all per-sample parameters, in a fixed order, from `generator` on `device`.
+
+        With `image_sizes` (B, 2) the crop boxes lie inside each sample's own (h, w) at the
+        top-left of the height x width canvas.
+        """
         device = torch.device(device)
         _check_generator(generator, device)
         cfg = self.cfg
+        if image_sizes is not None:
+            image_sizes = image_sizes.to(device)
+            height, width = image_sizes[:, 0], image_sizes[:, 1]
         boxes = random_resized_crop_boxes(batch, height, width, cfg.crop_scale, cfg.crop_ratio, generator, device)
         flip = _coin(batch, cfg.hflip_p, generator, device)
         jitter = None
@@ -739,7 +825,7 @@ class Augment(torch.nn.Module):
             blur = _coin(batch, cfg.blur_p, generator, device)
             blur_sigma = _uniform((batch,), *cfg.blur_sigma, generator, device)
         solarize_mask = _coin(batch, cfg.solarize_p, generator, device) if cfg.solarize_p > 0 else None
-        return AugmentParams(boxes, flip, jitter, grayscale, blur, blur_sigma, solarize_mask)
+        return AugmentParams(boxes, flip, jitter, grayscale, blur, blur_sigma, solarize_mask, image_sizes)
 
     def apply_params(self, images: Tensor, params: AugmentParams) -> Tensor:
         """Apply drawn parameters: on CPU group by group (cache-sized), on other devices all at once."""
@@ -764,7 +850,7 @@ class Augment(torch.nn.Module):
     def _apply_group(self, images: Tensor, params: AugmentParams, out: Tensor) -> None:
         """Run the pipeline on one group of samples and write the normalized result into `out`."""
         cfg = self.cfg
-        x = crop_flip(to_float_image(images), params.boxes, params.flip, cfg.size)
+        x = crop_flip(to_float_image(images), params.boxes, params.flip, cfg.size, params.image_sizes)
         if params.jitter is not None:
             x = apply_color_jitter(x, params.jitter)
         if params.grayscale is not None:
