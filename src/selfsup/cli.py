@@ -1,4 +1,4 @@
-"""`selfsup pretrain | eval | report | export | tokenizer | methods` — the command line.
+"""`selfsup pretrain | eval | report | export | tokenizer | methods | cache` — the command line.
 
 Every command takes ``key.sub=value`` overrides after its options. Errors a user can fix
 (bad config, missing data, unreadable checkpoint) print one line and exit with status 2;
@@ -50,6 +50,10 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
         overrides = [f"data.source={args.data}", *overrides]
     if args.out is not None:
         overrides = [f"trainer.out_dir={args.out}", *overrides]
+    if args.init is not None:
+        if args.resume:
+            raise SelfSupError("--init starts a new run from another run's encoder; a --resume run has its own weights")
+        overrides = [f"backbone.init={args.init}", *overrides]
     resume_ckpt, run_dir = None, None
     if args.resume:
         run_dir = Path(args.resume)
@@ -64,10 +68,15 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume_ckpt)
     if trainer.is_main:
-        print(f"selfsup {__version__}: {cfg.method.name} on {cfg.data.source} ({len(trainer.dataset)} samples), "
-              f"backbone {cfg.backbone.name}, {trainer.device} {trainer.precision}, world size {trainer.world}, "
-              f"{trainer.total_steps} steps of batch {cfg.data.batch_size}, lr {trainer.lr:.3g}\n"
-              f"run directory: {trainer.run_dir}", file=sys.stderr)
+        where = "in memory" if trainer.data_mode == "memory" else "streamed"
+        print(f"selfsup {__version__}: {cfg.method.name} on {cfg.data.source} ({len(trainer.dataset)} samples "
+              f"{where}), backbone {cfg.backbone.name}, {trainer.device} {trainer.precision}, world size "
+              f"{trainer.world}, {trainer.total_steps} steps of batch {cfg.data.batch_size}, lr {trainer.lr:.3g}\n"
+              f"data: {trainer.data_note}\nrun directory: {trainer.run_dir}", file=sys.stderr)
+        if trainer.init_report is not None:
+            r = trainer.init_report
+            print(f"initialized from {r['source']}: {r['loaded']} of {r['total']} backbone tensors"
+                  + (f"; {r['summary']}" if r["summary"] else ""), file=sys.stderr)
     summary = trainer.fit()
     if not trainer.is_main:
         return 0
@@ -81,7 +90,9 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
             summary["knn"] = final_knn(trainer.method, cfg, trainer.device, trainer.precision)
         except SelfSupError as err:  # unlabeled data: training is still fine, say why no kNN
             summary["knn"] = {"skipped": str(err)}
-    summary["timings"]["total_seconds_this_session"] = time.perf_counter() - t0
+    t = summary["timings"]
+    t["total_seconds_this_session"] = time.perf_counter() - t0  # setup, training and the final kNN
+    t["total_seconds"] = t["wall_seconds_earlier_segments"] + t["total_seconds_this_session"]
     write_summary(summary, trainer.run_dir)
     _print_pretrain_summary(summary)
     return 0
@@ -92,23 +103,10 @@ def _print_pretrain_summary(summary: dict) -> None:
     rows = [("method", summary["method"]),
             ("steps", f"{summary['position']['step']} / {summary['position']['total_steps']}"),
             ("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a")]
-    knn = summary.get("knn", {})
-    if "trained" in knn:
-        k = next(iter(knn["trained"]))
-        rows.append((f"kNN top-1 ({k}), pretrained", f"{knn['trained'][k]['top1']:.2f}%"))
-        if "random_init" in knn:
-            rand = knn["random_init"][k]["top1"]
-            gain = knn["trained"][k]["top1"] - rand
-            rows.append((f"kNN top-1 ({k}), random init", f"{rand:.2f}%"))
-            rows.append(("gain from pretraining", f"{gain:+.2f} points"))
-        if knn.get("leave_one_out"):
-            rows.append(("kNN scored on", "the training images, leave-one-out (the data has no test split)"))
-    elif "skipped" in knn:
-        rows.append(("kNN", f"skipped: {knn['skipped']}"))
-    rows.append(("training time", f"{t['train_seconds']:.1f} s"))
+    rows += _knn_rows(summary.get("knn", {}))
+    rows += _time_rows(t)
     if t.get("images_per_second"):
         rows.append(("throughput", f"{t['images_per_second']:.0f} images/s"))
-    rows.append(("total time", f"{t.get('total_seconds_this_session', t['wall_seconds_this_session']):.1f} s"))
     if summary["data"]["skipped_images"]:
         rows.append(("unreadable images skipped", str(summary["data"]["skipped_images"])))
     if summary["bad_steps_skipped"]:
@@ -122,6 +120,42 @@ def _print_pretrain_summary(summary: dict) -> None:
     _print_table(rows, "pretraining summary")
 
 
+def _knn_rows(knn: dict) -> list[tuple[str, str]]:
+    """The trained kNN score, the random-init mean it is compared with (and its spread over the init
+    seeds), and the gain beside the binomial standard error of the trained score."""
+    if "skipped" in knn:
+        return [("kNN", f"skipped: {knn['skipped']}")]
+    if "trained" not in knn:
+        return []
+    k = next(iter(knn["trained"]))
+    trained = knn["trained"][k]["top1"]
+    rows = [(f"kNN top-1 ({k}), pretrained", f"{trained:.1f}%")]
+    if "random_init" in knn:
+        rand = knn["random_init"][k]
+        seeds = len(knn.get("random_init_runs", [])) or 1
+        spread = (f"mean of {seeds} seeds, {rand['top1_min']:.1f}-{rand['top1_max']:.1f}" if seeds > 1
+                  else "one seed")
+        rows.append((f"kNN top-1 ({k}), random init", f"{rand['top1']:.1f}% ({spread})"))
+        p, n = trained / 100, knn.get("test_samples")
+        se = f" (± {100 * (p * (1 - p) / n) ** 0.5:.1f} binomial s.e. of the trained score)" if n else ""
+        rows.append(("gain from pretraining", f"{trained - rand['top1']:+.1f} points{se}"))
+    if knn.get("leave_one_out"):
+        rows.append(("kNN scored on", "the training images, leave-one-out (the data has no test split)"))
+    return rows
+
+
+def _time_rows(t: dict) -> list[tuple[str, str]]:
+    """Training time (in optimizer steps) and total time (setup, checkpoints, final kNN included); after
+    a resume both cover every segment of the run, and the total of this session follows."""
+    segments = t.get("segments", 1)
+    total = t.get("total_seconds", t.get("total_seconds_this_session", t["wall_seconds_this_session"]))
+    if segments == 1:
+        return [("training time (steps)", f"{t['train_seconds']:.1f} s"), ("total time", f"{total:.1f} s")]
+    return [(f"training time (steps, all {segments} segments)", f"{t['train_seconds']:.1f} s"),
+            (f"total time (all {segments} segments)", f"{total:.1f} s"),
+            ("total time (this session)", f"{t['total_seconds_this_session']:.1f} s")]
+
+
 # --------------------------------------------------------------------------------------
 # eval
 
@@ -130,8 +164,29 @@ def _result_path(arg: str | None, default: Path) -> Path:
     """Where an evaluation's JSON goes; its folder is made now, before the work, so an unwritable
     ``--out`` fails in a second rather than after a long evaluation."""
     out = Path(arg) if arg else default
+    _check_output_file(out, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def _check_output_file(path: Path, what: str) -> None:
+    """Results are written to a temp file that then replaces ``path``; over a folder that fails, and
+    over a device or a pipe (``/dev/full``, ``/dev/stdout``) it would put a plain file in its place."""
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{what} {path} is not a regular file (a folder, a device or a pipe); "
+                          "give the path of a file to write")
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Settings out of range fail here, in one line, before a checkpoint is loaded or a feature computed."""
+    counts = []
+    if args.protocol == "finetune" or (args.protocol == "linear" and args.solver != "lbfgs"):
+        counts.append(("--epochs", args.epochs, 1))
+    if args.protocol == "fewshot":
+        counts += [("--n-way", args.n_way, 2), ("--episodes", args.episodes, 1)]
+    for name, value, least in counts:
+        if value < least:
+            raise ConfigError(f"{name} must be at least {least}, got {value}")
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -142,6 +197,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
                                   same_images)
     from selfsup.train.checkpoint import write_text_atomic
 
+    _check_eval_args(args)
     device, precision = eval_device(args.device)
     if args.precision:
         precision = args.precision
@@ -217,6 +273,7 @@ def cmd_report(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     from selfsup.export import export_encoder
 
+    _check_output_file(Path(args.out), "the export target")
     meta = export_encoder(args.checkpoint, args.out)
     print(f"wrote {meta['tensors']} tensors ({meta['library']} names) to {meta['path']}")
     if meta.get("note"):
@@ -265,6 +322,40 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# cache
+
+
+def cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Show or empty the decoded-image cache (decoded folders and resized torchvision datasets)."""
+    from selfsup.data.cache import CACHE_ENV_VAR, cache_entries, clean_cache, default_cache_dir
+
+    directory = Path(args.dir).expanduser() if args.dir else default_cache_dir()
+    if args.action == "clean":
+        count, freed = clean_cache(directory)
+        print(f"removed {count} files ({freed:,} bytes, {_human_bytes(freed)}) from {directory}")
+        return 0
+    entries = [(path, path.stat()) for path in cache_entries(directory)]
+    total = sum(stat.st_size for _, stat in entries)
+    print(f"decoded-image cache: {directory} (move it with {CACHE_ENV_VAR}, empty it with: selfsup cache clean)")
+    print(f"{len(entries)} entries, {total:,} bytes ({_human_bytes(total)})")
+    for path, stat in entries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
+        print(f"  {path.name}  {_human_bytes(stat.st_size)}  {when}")
+    return 0
+
+
+def _human_bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    size, unit = count / 1024, "KiB"
+    for larger in ("MiB", "GiB", "TiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, larger
+    return f"{size:.1f} {unit}"
+
+
+# --------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--data", help="embedded | cifar10 | cifar100 | stl10 | a folder of images")
     pre.add_argument("--out", help="parent folder of the run directory (trainer.out_dir)")
     pre.add_argument("--resume", metavar="RUN", help="continue a stopped run (its directory or a .ckpt)")
+    pre.add_argument("--init", metavar="PATH", help="start from the encoder of a run, .ckpt or exported "
+                     ".safetensors (backbone.init); mismatched keys are reported")
     pre.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
@@ -319,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("methods", help="list the registered methods with their papers")
     me.set_defaults(func=cmd_methods)
+
+    ca = sub.add_parser("cache", help="show (info) or empty (clean) the decoded-image cache")
+    ca.add_argument("action", choices=["info", "clean"])
+    ca.add_argument("--dir", help="cache folder (default: $SELFSUP_CACHE_DIR, else ~/.cache/selfsup/decoded)")
+    ca.set_defaults(func=cmd_cache)
     return p
 
 

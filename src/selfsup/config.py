@@ -44,8 +44,22 @@ class DataConfig:
     eval_batch_size: int = 512
     download: bool = True
     limit: int | None = None  # keep only the first N training samples (smoke runs)
+    # memory: decode the set once into RAM; stream: decode each file in loader workers (folders);
+    # auto: memory when the decoded set fits memory_budget_gib, else stream (data/modes.py)
+    mode: str = "auto"
+    memory_budget_gib: float | None = None  # auto's budget (default: min(8 GiB, a quarter of RAM))
+    workers: int | None = None  # stream: DataLoader worker processes (default: one per core, at most 8)
+    max_side: int | None = 512  # stream: shrink larger images to this long side, keeping aspect (null: none)
 
     def validate(self) -> None:
+        _check(self.mode in ("auto", "memory", "stream"), "data.mode", self.mode,
+               "must be auto, memory or stream (shards are not available yet)")
+        if self.memory_budget_gib is not None:
+            _check(self.memory_budget_gib > 0, "data.memory_budget_gib", self.memory_budget_gib, "must be > 0")
+        if self.workers is not None:
+            _check(self.workers >= 0, "data.workers", self.workers, "must be >= 0 (0: decode in the main process)")
+        if self.max_side is not None:
+            _check(self.max_side >= 8, "data.max_side", self.max_side, "must be >= 8 (or null for no cap)")
         _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
         _check(self.eval_batch_size >= 1, "data.eval_batch_size", self.eval_batch_size, "must be >= 1")
         if self.limit is not None:
@@ -74,6 +88,9 @@ class BackboneConfig:
     depth: int | None = None  # override the size's number of blocks
     embed_dim: int | None = None  # override the size's width
     num_heads: int | None = None  # override the size's attention heads
+    # start from the encoder of another run: its directory, a .ckpt or an exported .safetensors
+    # (`selfsup pretrain --init PATH`); keys are matched by name and the mismatches reported
+    init: str | None = None
 
     def validate(self) -> None:
         _check(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "must be in [0, 1)")
@@ -215,6 +232,8 @@ class EvalConfig:
     knn_temperature: float = 0.07
     final_knn: bool = True  # kNN of the trained encoder when pretraining ends
     compare_random_init: bool = True  # and of the same encoder at random init, for contrast
+    # random inits to average (seeds trainer.seed, +1, ...): one init's kNN varies by ~3 points
+    random_init_seeds: int = 3
     online_every: int = 0  # kNN on the labeled test split every N epochs during pretraining (0: off)
 
     def validate(self) -> None:
@@ -222,6 +241,8 @@ class EvalConfig:
                "must be a non-empty list of positive integers")
         _check(self.knn_temperature > 0, "eval.knn_temperature", self.knn_temperature, "must be > 0")
         _check(self.online_every >= 0, "eval.online_every", self.online_every, "must be >= 0 (0 turns it off)")
+        _check(self.random_init_seeds >= 1, "eval.random_init_seeds", self.random_init_seeds,
+               "must be >= 1 (eval.compare_random_init=false turns the comparison off)")
 
 
 @dataclass
@@ -235,11 +256,21 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
+        self._check_local_crops()
         for f in dataclasses.fields(self):
             _validate_nested(getattr(self, f.name), f.name)
         check_batch = getattr(self.method, "min_batch_size", 1)
         _check(self.data.batch_size >= check_batch, "data.batch_size", self.data.batch_size,
                f"must be >= {check_batch} for {self.method.name} (it needs negatives or batch statistics)")
+
+    def _check_local_crops(self) -> None:
+        """Local crops only for methods that declare ``uses_local_crops`` (SwAV, DINO, DINOv2); the
+        others would take the extra views and fail in their first step, or silently ignore them."""
+        from selfsup.registry import get_method  # registry -> methods -> config: import when used
+
+        if self.augment.n_local and not get_method(self.method.name).uses_local_crops:
+            raise ConfigError(f"{self.method.name} does not use local crops; "
+                              f"augment.n_local={self.augment.n_local} must be 0")
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -482,4 +513,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``cfg`` as YAML atomically: a full disk leaves the old file (or none), never an empty one."""
+    from selfsup.train.checkpoint import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -5,6 +5,7 @@ protocol, return a JSON-able dict."""
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ from selfsup.config import Config, load_config
 from selfsup.errors import DataError
 from selfsup.eval import FeatureCache, extract_features, knn_classify, linear_probe, make_key
 from selfsup.methods.base import Method
-from selfsup.train.checkpoint import load_checkpoint, load_weights
+from selfsup.train.checkpoint import load_checkpoint, load_weights, remove_stale_temp_files
 from selfsup.train.trainer import build_method, resolve_device, resolve_precision
 
 
@@ -37,12 +38,28 @@ def load_split(cfg: Config, split: str, source: str | None = None):
                         download=cfg.data.download)
 
 
-def embed_dataset(method: Method, dataset, *, device: torch.device, batch_size: int = 512,
-                  precision: str = "32", desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every sample of ``dataset`` (in order) from ``method.embed``."""
-    from selfsup.data import BatchLoader
+def load_feature_split(cfg: Config, split: str, source: str | None = None):
+    """A split to embed, opened as ``data.mode`` says (data/modes.py): in memory, or streamed from its
+    folder with every image prepared for evaluation in the loader workers (resize, centre crop to
+    the method's eval size, ``augment.views.0.size``), so a bank of any size can be embedded."""
+    from selfsup.data.modes import is_folder_source, open_data
 
-    loader = BatchLoader(dataset, batch_size, shuffle=False, drop_last=False)
+    d = cfg.data
+    src = source or d.source
+    mode = d.mode if is_folder_source(src) else "auto"  # a run streamed from a folder, evaluated on CIFAR
+    return open_data(src, split, mode=mode, root=d.root, decode_size=d.decode_size, download=d.download,
+                     max_side=d.max_side, eval_size=cfg.augment.views[0].size,
+                     memory_budget_gib=d.memory_budget_gib).dataset
+
+
+def embed_dataset(method: Method, dataset, *, device: torch.device, batch_size: int = 512,
+                  precision: str = "32", desc: str = "features",
+                  workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every sample of ``dataset`` (in order) from ``method.embed``; a streamed
+    source is decoded by ``workers`` loader workers (see ``selfsup.data.loader.make_loader``)."""
+    from selfsup.data.loader import make_loader
+
+    loader = make_loader(dataset, batch_size, workers=workers, shuffle=False, drop_last=False)
     autocast = nullcontext()
     if precision in ("bf16-mixed", "16-mixed"):
         dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
@@ -60,34 +77,56 @@ def labeled_features(method: Method, cfg: Config, *, device: torch.device, sourc
                      train_split: str | None = None, test_split: str | None = None,
                      cache_dir: Path | None = None, cache_tag: str | None = None, precision: str = "32"):
     """(train_feats, train_labels, test_feats, test_labels, classes) for a labeled dataset.
-    With ``cache_dir`` and ``cache_tag`` (identifying the weights) features are cached on disk."""
+    With ``cache_dir`` and ``cache_tag`` (identifying the weights) features are cached on disk,
+    keyed on the weights, the preprocessing and the data itself (see ``data_fingerprint``): the
+    data is loaded first, so images added, removed or changed since are never answered from
+    the cache."""
     out = []
     classes: list[str] = []
+    cache = FeatureCache(cache_dir) if cache_dir is not None and cache_tag is not None else None
+    if cache is not None and cache.directory.is_dir():
+        remove_stale_temp_files(cache.directory)  # entries an evaluation killed mid-write left
     for role, split in (("train", train_split or cfg.data.train_split), ("test", test_split or cfg.data.test_split)):
-        key = None
-        if cache_dir is not None and cache_tag is not None:
-            key = make_key(cache_tag, source or cfg.data.source, split, cfg.data.decode_size,
-                           method.eval_size, precision)
-            hit = FeatureCache(cache_dir).get(key)
-            if hit is not None:
-                out.extend(hit)
-                continue
-        dataset = load_split(cfg, split, source)
+        dataset = load_feature_split(cfg, split, source)
         if not dataset.has_labels:
             raise DataError(f"{source or cfg.data.source!r} split {split!r} has no labels; kNN and linear "
                             "evaluation need a labeled dataset (an ImageFolder with one subfolder per class)")
         classes = dataset.classes
+        key = None
+        if cache is not None:
+            key = make_key(cache_tag, source or cfg.data.source, split, cfg.data.decode_size, method.eval_size,
+                           precision, data_fingerprint(dataset))
+            hit = cache.get(key)
+            if hit is not None and hit[0].shape[0] == len(dataset):
+                out.extend(hit)
+                continue
         feats, labels = embed_dataset(method, dataset, device=device, precision=precision,
-                                      batch_size=cfg.data.eval_batch_size, desc=f"{role} features")
+                                      batch_size=cfg.data.eval_batch_size, desc=f"{role} features",
+                                      workers=cfg.data.workers)
         if key is not None:
-            FeatureCache(cache_dir).put(key, feats, labels)
+            cache.put(key, feats, labels)
         out.extend((feats, labels))
     return (*out, classes)
 
 
+def data_fingerprint(dataset) -> str:
+    """What identifies a loaded dataset's contents: its own ``fingerprint`` when it has one, else a
+    hash of its decoded pixels, labels and class names. Hashing the decoded tensor covers every
+    way the data can change (files added, removed or edited, another decode size) at the cost of
+    one pass over memory, as the decoded-data cache already makes on each load."""
+    own = getattr(dataset, "fingerprint", None)
+    if own:
+        return str(own)
+    from selfsup.data.cache import checksum
+
+    return checksum({"images": dataset.images, "labels": dataset.labels, "classes": list(dataset.classes)})
+
+
 def checkpoint_tag(path: Path) -> str:
+    """Identifies a checkpoint file's contents: every save replaces the file (a new inode), so its
+    path, size, modification time and inode change whenever the weights can have."""
     st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
 
 
 def same_images(feats: tuple) -> bool:
@@ -110,19 +149,40 @@ def run_linear(feats: tuple, **kwargs) -> dict:
 
 
 def final_knn(method: Method, cfg: Config, device: torch.device, precision: str) -> dict:
-    """kNN of the trained encoder and, for contrast, of the same architecture at random init
-    (same seed, same data): the gap is what pretraining bought. ``bank_samples`` and
-    ``test_samples`` say how many labeled images the scores rest on."""
+    """kNN of the trained encoder and, for contrast, of the same architecture at random init on
+    the same data: the gap is what pretraining bought. One random init's score varies by a few
+    points with its seed, so ``random_init`` averages ``eval.random_init_seeds`` inits (seeds
+    ``trainer.seed``, ``trainer.seed + 1``, ...; the first is the trained run's own init): per k, the
+    mean ``top1``/``top5`` with ``top1_min``/``top1_max``; ``random_init_runs`` keeps each seed's
+    scores. ``bank_samples`` and ``test_samples`` say how many labeled images the scores rest on."""
     feats = labeled_features(method, cfg, device=device, precision=precision)
     result = {"trained": run_knn(feats, cfg), "bank_samples": int(feats[0].shape[0]),
               "test_samples": int(feats[2].shape[0]), "leave_one_out": same_images(feats)}
     if cfg.eval.compare_random_init:
-        rand = build_method(cfg).to(device)
-        if getattr(method, "channels_last", False):
-            rand = rand.to(memory_format=torch.channels_last)
-            rand.channels_last = True
-        result["random_init"] = run_knn(labeled_features(rand, cfg, device=device, precision=precision), cfg)
+        seeds = [cfg.trainer.seed + i for i in range(cfg.eval.random_init_seeds)]
+        runs = [{"seed": seed, "knn": _random_init_knn(method, cfg, seed, device, precision)} for seed in seeds]
+        result["random_init"] = _mean_knn([r["knn"] for r in runs])
+        result["random_init_runs"] = runs
     return result
+
+
+def _random_init_knn(method: Method, cfg: Config, seed: int, device: torch.device, precision: str) -> dict:
+    """kNN of ``cfg``'s architecture freshly built with ``seed`` (``build_method`` seeds from the config)."""
+    rand = build_method(replace(cfg, trainer=replace(cfg.trainer, seed=seed))).to(device)
+    if getattr(method, "channels_last", False):
+        rand = rand.to(memory_format=torch.channels_last)
+        rand.channels_last = True
+    return run_knn(labeled_features(rand, cfg, device=device, precision=precision), cfg)
+
+
+def _mean_knn(results: list[dict]) -> dict:
+    """Per k: the mean of each score over ``results``, and the range of top-1."""
+    out = {}
+    for k in results[0]:
+        scores = {name: [r[k][name] for r in results] for name in results[0][k]}
+        out[k] = {name: sum(v) / len(v) for name, v in scores.items()}
+        out[k].update(top1_min=min(scores["top1"]), top1_max=max(scores["top1"]))
+    return out
 
 
 def eval_device(pref: str = "auto") -> tuple[torch.device, str]:

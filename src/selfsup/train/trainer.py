@@ -13,6 +13,8 @@ The trainer never knows which method it runs: it calls ``method(batch) -> StepOu
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import json
 import logging
 import math
@@ -35,7 +37,8 @@ from selfsup import __version__, dist
 from selfsup.config import Config, dump_config
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.methods.base import Method, Progress
-from selfsup.train.checkpoint import load_weights, save_atomic, write_text_atomic
+from selfsup.train.checkpoint import (explain_disk_full, load_weights, remove_stale_temp_files, save_atomic,
+                                      write_text_atomic)
 from selfsup.train.monitor import CollapseMonitor
 from selfsup.train.optim import build_optimizer
 from selfsup.train.schedules import cosine_schedule
@@ -65,7 +68,13 @@ def resolve_device(pref: str) -> torch.device:
             raise ConfigError(f"trainer.device={pref!r} but CUDA is not available; use trainer.device=cpu")
         if pref == "cuda" and dist.is_dist():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device(pref)
+    try:
+        device = torch.device(pref)
+    except RuntimeError:  # torch lists twenty device types; ours are few
+        raise ConfigError(f"device {pref!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {pref!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
+    return device
 
 
 def cpu_has_bf16() -> bool:
@@ -120,25 +129,139 @@ def build_method(cfg: Config) -> Method:
 def limit_dataset(dataset, limit: int | None, seed: int = 0):
     """A fixed random subset of ``limit`` samples (smoke runs and tests; the embedded set is
     stored class by class, so its first N samples would all be airplanes)."""
-    from selfsup.data import ImageArrayDataset
-
     if limit is None or limit >= len(dataset):
         return dataset
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return ImageArrayDataset(dataset.images[keep], dataset.labels[keep], dataset.classes,
-                             name=f"{dataset.name}[{limit} of {len(dataset)}]", skipped=dataset.skipped,
-                             skipped_examples=dataset.skipped_examples)
+    return dataset.subset(keep, name=f"{dataset.name}[{limit} of {len(dataset)}]")
 
 
-def make_run_dir(cfg: Config) -> Path:
-    name = cfg.trainer.run_name
-    if name is None:
-        name = f"{cfg.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        if dist.is_dist():  # every rank must write to the same folder
-            box = [name]
-            tdist.broadcast_object_list(box, src=0)
-            name = box[0]
-    return Path(cfg.trainer.out_dir) / name
+def open_training_data(cfg: Config, data=None) -> tuple[Any, str, str]:
+    """(source, mode, one-line note) of the training split, chosen by ``data.mode`` (data/modes.py);
+    ``data``, a source built by the caller, is used as given."""
+    from selfsup.data.sources import FolderStream
+
+    if data is not None:
+        mode = "stream" if isinstance(data, FolderStream) else "memory"
+        return data, mode, f"{mode} (a dataset given to the Trainer)"
+    from selfsup.data.modes import open_data
+
+    d = cfg.data
+    opened = open_data(d.source, d.train_split, mode=d.mode, root=d.root, decode_size=d.decode_size,
+                       download=d.download, max_side=d.max_side, memory_budget_gib=d.memory_budget_gib)
+    return opened.dataset, opened.mode, opened.note
+
+
+class DataWait:
+    """The share of step time spent waiting for the next batch (``data_wait``).
+
+    The first WARMUP steps of a session are left out (workers starting, caches filling). When at
+    least SETTLE steps have been measured and the share so far is above THRESHOLD, ``advice``
+    returns one line, once per session, saying the loader is the bottleneck and what to change."""
+
+    WARMUP, SETTLE, THRESHOLD = 3, 10, 0.10
+
+    def __init__(self) -> None:
+        self.steps, self.wait, self.total = 0, 0.0, 0.0
+        self.warned = False
+
+    def add(self, wait_s: float, step_s: float) -> None:
+        """One step: ``wait_s`` waiting for its batches, ``step_s`` in the step itself."""
+        self.steps += 1
+        if self.steps > self.WARMUP:
+            self.wait += wait_s
+            self.total += wait_s + step_s
+
+    @property
+    def share(self) -> float | None:
+        """Waiting / (waiting + stepping) over the steps after the warm-up; None before any."""
+        return self.wait / self.total if self.total > 0 else None
+
+    def advice(self, mode: str, workers: int) -> str | None:
+        """The bottleneck line the first time it applies (see the class docstring), else None."""
+        share = self.share
+        if self.warned or share is None or self.steps < self.WARMUP + self.SETTLE or share <= self.THRESHOLD:
+            return None
+        self.warned = True
+        if mode == "stream":
+            fix = f"raise data.workers (now {workers}), or use data.mode=memory if the decoded set fits in RAM"
+        else:
+            fix = "the batches come from memory, so check for other processes on these cores (trainer.threads)"
+        return f"the data loader is the bottleneck: {share:.0%} of each step waits for data; {fix}"
+
+
+# what a run writes into its folder: a folder holding any of these holds a run
+_RUN_FILES = ("last.ckpt", "config.yaml", "metrics.csv", "summary.json")
+
+
+def make_run_dir(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    """Create the folder of a new run and return it: ``run_dir``, else
+    ``trainer.out_dir/trainer.run_name``, else ``trainer.out_dir/<method>-<time>``.
+
+    A named folder that already holds a run is refused (only a resume continues a run). A
+    default name is taken with os.mkdir, which only one of two runs started in the same second
+    wins; the other takes the next free suffix (-2, -3, ...). Rank 0 decides and every rank
+    gets its answer, the folder or the error."""
+    path, error = None, None
+    if dist.rank() == 0:
+        try:
+            path = str(_claim_run_dir(cfg, run_dir))
+        except ConfigError as err:
+            error = str(err)
+        except OSError as err:  # unwritable out_dir, a file in the way
+            error = f"cannot create the run directory: {err}"
+    if dist.is_dist():
+        box = [path, error]
+        tdist.broadcast_object_list(box, src=0)
+        path, error = box
+    if error is not None:
+        raise ConfigError(error)
+    return Path(path)
+
+
+def _claim_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
+    if run_dir is None and cfg.trainer.run_name is None:
+        base = Path(cfg.trainer.out_dir) / f"{cfg.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count(1):
+            path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+            try:
+                path.mkdir()  # atomic: exactly one process creates a given folder
+                return path
+            except FileExistsError:
+                continue
+    path = Path(run_dir) if run_dir is not None else Path(cfg.trainer.out_dir) / cfg.trainer.run_name
+    held = [name for name in _RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("*.ckpt")][:1]
+    if held:
+        raise ConfigError(f"{path} already holds a run ({', '.join(dict.fromkeys(held))}); continue it with "
+                          f"`selfsup pretrain --resume {path}`, or choose another trainer.run_name")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class NormStats:
+    """The running statistics of every normalization layer (BatchNorm's running mean and variance,
+    teachers' included), saved before each step so that a dropped step can put them back: a
+    non-finite batch that reached BatchNorm in train mode has already written NaN into them, which
+    would poison every later evaluation even though training goes on with batch statistics.
+    A few hundred small tensors for a ResNet-50: one grouped copy per step."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.live: list[torch.Tensor] | None = None
+        self.saved: list[torch.Tensor] = []
+
+    def save(self) -> None:
+        if self.live is None:  # at the first step, after the trainer moved the model to its device
+            self.live = [b for m in self.module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                         for b in m.buffers()]
+            self.saved = [b.clone() for b in self.live]
+        elif self.live:
+            torch._foreach_copy_(self.saved, self.live)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.live, self.saved)
 
 
 class _StopFlag:
@@ -175,8 +298,9 @@ class _StopFlag:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: dict | None = None,
                  data=None) -> None:
-        from selfsup.data import BatchLoader, load_dataset
+        from selfsup.data.loader import make_loader
 
+        self._t_session = time.perf_counter()  # this session's wall time counts from here (setup included)
         init_distributed(cfg.trainer.device)
         self.cfg = cfg
         self.device = resolve_device(cfg.trainer.device)
@@ -185,7 +309,6 @@ class Trainer:
             torch.set_num_threads(cfg.trainer.threads)
         self.rank, self.world = dist.rank(), dist.world_size()
         self.is_main = self.rank == 0
-        self.run_dir = Path(run_dir) if run_dir is not None else make_run_dir(cfg)
 
         per_rank = cfg.data.batch_size // (self.world * cfg.trainer.accumulate)
         if per_rank * self.world * cfg.trainer.accumulate != cfg.data.batch_size or per_rank < 1:
@@ -194,13 +317,16 @@ class Trainer:
                 f"trainer.accumulate={cfg.trainer.accumulate} micro-batches"
             )
         self.micro_batch = per_rank
-        self.dataset = data if data is not None else load_dataset(
-            cfg.data.source, cfg.data.train_split, root=cfg.data.root, decode_size=cfg.data.decode_size,
-            download=cfg.data.download)
+        self.dataset, self.data_mode, self.data_note = open_training_data(cfg, data)
         if cfg.data.limit is not None and cfg.data.limit < len(self.dataset):
             self.dataset = limit_dataset(self.dataset, cfg.data.limit)
-        self.loader = BatchLoader(self.dataset, per_rank, shuffle=True, seed=cfg.trainer.seed, rank=self.rank,
-                                  world_size=self.world, drop_last=True)
+        # pinned host memory only for streamed batches on CUDA: the memory path stays as it was
+        self.loader = make_loader(self.dataset, per_rank, workers=cfg.data.workers, shuffle=True,
+                                  seed=cfg.trainer.seed, rank=self.rank, world_size=self.world, drop_last=True,
+                                  pin_memory=self.data_mode == "stream" and self.device.type == "cuda")
+        if self.data_mode == "stream":
+            self.data_note += f", {self.loader.workers} loader worker(s) (data.workers)"
+        self.data_wait = DataWait()
         self.steps_per_epoch = len(self.loader) // cfg.trainer.accumulate
         if self.steps_per_epoch < 1:
             raise ConfigError(
@@ -212,6 +338,9 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.trainer.max_steps)
 
         self.method = build_method(cfg).to(self.device)
+        self.init_report = None
+        if cfg.backbone.init and resume is None:  # a resumed run has its own weights
+            self.init_report = self.method.init_from(cfg.backbone.init)
         self.channels_last = cfg.trainer.channels_last and self.device.type in ("cpu", "cuda")
         if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
@@ -220,11 +349,19 @@ class Trainer:
         self.optimizer = build_optimizer(self.method, cfg.optim, self.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16-mixed")
         self.monitor = CollapseMonitor(cfg.trainer.monitor_every)
+        self._norm_stats = NormStats(self.method)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.bad_steps_total = 0
-        self.history: dict[str, Any] = {"train_seconds": 0.0, "images": 0}
+        # train_seconds: in optimizer steps, all segments. wall_seconds (in the trainer: setup, steps,
+        # checkpoints) and segments: those of the earlier segments of a resumed run; this session's are
+        # added when a checkpoint or the summary is written
+        self.history: dict[str, Any] = {"train_seconds": 0.0, "images": 0, "wall_seconds": 0.0, "segments": 0}
         if resume is not None:
             self._load_state(resume)
+        # the run's folder is claimed once the data, model and checkpoint proved usable, so that a
+        # start that fails leaves no empty folder; a resume continues in its own folder
+        continuing = resume is not None and run_dir is not None
+        self.run_dir = Path(run_dir) if continuing else make_run_dir(cfg, run_dir)
         # methods that fit something on the data first (BEiT's tokenizer): after a resume's state is
         # loaded, so what the checkpoint brought is not refit, and before DDP broadcasts the buffers
         self.method.prepare(self.dataset, self.run_dir)
@@ -242,11 +379,13 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "model": self.method.state_dict(),
+            "encoder": next(n for n, m in self.method.named_modules() if m is self.method.encoder),  # init_from
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "position": {"step": self.step, "epoch": self.epoch, "batch": self.batch_in_epoch},
             "history": {"train_seconds": self.history["train_seconds"], "images": self.history["images"],
-                        "bad_steps": self.bad_steps_total},
+                        "bad_steps": self.bad_steps_total, "wall_seconds": self.wall_seconds(),
+                        "segments": self.history["segments"] + 1},
             "config": self.cfg.to_dict(),
             "versions": versions(),
         }
@@ -264,7 +403,15 @@ class Trainer:
         hist = ckpt.get("history", {})
         self.history["train_seconds"] = hist.get("train_seconds", 0.0)
         self.history["images"] = hist.get("images", 0)
+        # checkpoints from before wall_seconds was kept: their training time is the best lower bound
+        self.history["wall_seconds"] = hist.get("wall_seconds", self.history["train_seconds"])
+        self.history["segments"] = hist.get("segments", 1)
         self.bad_steps_total = hist.get("bad_steps", 0)
+
+    def wall_seconds(self) -> float:
+        """Wall time in the trainer over every segment of the run: the earlier segments' (from the
+        checkpoint) plus this session's since the Trainer was built."""
+        return self.history["wall_seconds"] + time.perf_counter() - self._t_session
 
     def save(self, name: str = "last.ckpt") -> None:
         if self.is_main:
@@ -291,10 +438,24 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
+    def train_step(self, micro_batches: list[dict]) -> tuple[float | None, dict, float, float]:
+        """One optimizer step on the micro-batches at the current position: schedules, forward and
+        backward, the update, then (for a kept step) the step counter and ``method.on_step_end``.
+        Returns (loss, metrics, lr, weight decay); the loss is None when the step was dropped for
+        a non-finite loss, which leaves the method, the optimizer and the position as they were."""
+        lr, wd = self._set_schedules()
+        loss, metrics = self._train_step(micro_batches)
+        if loss is not None:
+            self.step += 1
+            self.method.on_step_end(Progress(self.step, self.total_steps, self.epoch, self.cfg.trainer.epochs,
+                                             self.steps_per_epoch))
+        return loss, metrics, lr, wd
+
     def _train_step(self, micro_batches: list[dict]) -> tuple[float | None, dict]:
         """Forward/backward over the accumulated micro-batches and one optimizer update.
         Returns (loss, metrics), or (None, {}) when the loss was not finite and the step skipped."""
         self.optimizer.zero_grad(set_to_none=True)
+        self._norm_stats.save()
         total, metrics, embeddings = 0.0, {}, None
         acc = len(micro_batches)
         for i, batch in enumerate(micro_batches):
@@ -308,8 +469,10 @@ class Trainer:
                 finite = torch.isfinite(loss).to(torch.float32)
                 if self.world > 1:  # all ranks must agree to skip, or DDP would hang
                     finite = dist.all_reduce_mean(finite)
-                if float(finite) < 1.0:
+                if float(finite) < 1.0:  # drop the step and every trace of it
                     self.optimizer.zero_grad(set_to_none=True)
+                    self._norm_stats.restore()
+                    self.method.discard_step()
                     return None, {}
                 self.scaler.scale(loss / acc).backward()
             total += float(loss.detach()) / acc
@@ -333,8 +496,9 @@ class Trainer:
         stop_at = self.total_steps if until_step is None else min(until_step, self.total_steps)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.run_dir)  # a killed run's half-written checkpoint
             dump_config(cfg, self.run_dir / "config.yaml")
-        log_rows = _MetricLog(self.run_dir, enabled=self.is_main)
+        log_rows = _MetricLog(self.run_dir, enabled=self.is_main, from_step=self.step)
         bar = _progress(self.total_steps, self.step, enabled=self.is_main and cfg.trainer.progress)
         consecutive_bad = 0
         stopped_early = False
@@ -349,10 +513,10 @@ class Trainer:
                     while self.batch_in_epoch + cfg.trainer.accumulate <= len(self.loader):
                         if self.step >= stop_at:
                             break
+                        t_wait = time.perf_counter()
                         micro = [next(it) for _ in range(cfg.trainer.accumulate)]
                         t0 = time.perf_counter()
-                        lr, wd = self._set_schedules()
-                        loss, metrics = self._train_step(micro)
+                        loss, metrics, lr, wd = self.train_step(micro)
                         self.batch_in_epoch += cfg.trainer.accumulate
                         if loss is None:
                             consecutive_bad += 1
@@ -366,10 +530,8 @@ class Trainer:
                                 )
                             continue
                         consecutive_bad = 0
-                        self.step += 1
-                        self.method.on_step_end(Progress(self.step, self.total_steps, self.epoch,
-                                                         cfg.trainer.epochs, self.steps_per_epoch))
                         dt = time.perf_counter() - t0
+                        self.data_wait.add(t0 - t_wait, dt)
                         self.history["train_seconds"] += dt
                         self.history["images"] += images_per_step
                         self._log_step(log_rows, bar, loss, lr, wd, metrics, images_per_step / max(dt, 1e-9))
@@ -386,6 +548,7 @@ class Trainer:
         finally:
             bar.close()
             log_rows.close()
+            self.loader.close()  # streaming workers; a later iteration starts new ones
         wall = time.perf_counter() - t_start
         return self._summary(wall, stopped_early)
 
@@ -417,6 +580,11 @@ class Trainer:
         if self.step % self.cfg.trainer.log_every == 0 or self.step == self.total_steps:
             log_rows.write(row)
         post = {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{img_s:.0f}"}
+        if self.data_wait.share is not None:
+            post["wait"] = f"{self.data_wait.share:.0%}"
+        advice = self.data_wait.advice(self.data_mode, self.loader.workers)
+        if advice is not None and self.is_main:
+            bar.write(advice, file=sys.stderr)
         if self.monitor.alarming:
             post["COLLAPSE?"] = self.monitor.alarm_reason
         bar.set_postfix(post, refresh=False)
@@ -434,13 +602,20 @@ class Trainer:
             "device": str(self.device),
             "precision": self.precision,
             "world_size": self.world,
-            "timings": {"wall_seconds_this_session": wall, "train_seconds": train_s,
-                        "images_per_second": self.history["images"] / train_s if train_s else None},
+            # train_seconds and wall_seconds cover every segment of a resumed run, *_this_session this one
+            "timings": {"train_seconds": train_s, "wall_seconds": self.wall_seconds(),
+                        "wall_seconds_this_session": wall,
+                        "wall_seconds_earlier_segments": self.history["wall_seconds"],
+                        "segments": self.history["segments"] + 1,
+                        "images_per_second": self.history["images"] / train_s if train_s else None,
+                        # share of step time spent waiting for batches, this session after its warm-up steps
+                        "data_wait": self.data_wait.share},
             "peak_memory_mib": peak_memory_mib(self.device),
             "final_loss": getattr(self, "last_loss", None),
             "bad_steps_skipped": self.bad_steps_total,
             "data": {"source": self.cfg.data.source, "train_samples": len(self.dataset),
-                     "skipped_images": getattr(self.dataset, "skipped", 0)},
+                     "skipped_images": getattr(self.dataset, "skipped", 0), "mode": self.data_mode,
+                     "skip_reasons": dict(getattr(self.dataset, "skip_reasons", {}))},
             "monitor": self.monitor.summary(),
             "online_knn": self.history.get("online_knn", []),
             "versions": versions(),
@@ -467,18 +642,22 @@ def write_summary(summary: dict, run_dir: str | Path) -> None:
 
 
 class _MetricLog:
-    """metrics.csv (always) and TensorBoard events (when tensorboard is installed)."""
+    """metrics.csv (always) and TensorBoard events (when tensorboard is installed).
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    ``from_step`` is the step the run starts at. A run killed after its last checkpoint had logged
+    rows past it; the resume trains those steps again, so their rows are dropped first (and their
+    TensorBoard events purged): every step is logged once and the report's curves run forward."""
+
+    def __init__(self, run_dir: Path, enabled: bool, from_step: int = 0) -> None:
         self.enabled = enabled
-        self.rows: list[dict] = []
         self.path = run_dir / "metrics.csv"
         self.tb = None
         if enabled:
+            self._drop_after(from_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=from_step + 1 if from_step else None)
             except Exception:  # tensorboard missing or broken: CSV still has everything
                 self.tb = None
 
@@ -487,18 +666,26 @@ class _MetricLog:
             return
         fields = self._fields()
         if any(k not in fields for k in row):  # a new column (e.g. knn/top1): rewrite with the union
-            rows = self._read()
             fields = fields + [k for k in row if k not in fields]
-            with self.path.open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=fields)
-                writer.writeheader()
-                writer.writerows(rows)
-        with self.path.open("a", newline="") as fh:
+            write_text_atomic(self.path, _csv_text(fields, self._read()))
+        with explain_disk_full(self.path), self.path.open("a", newline="") as fh:
             csv.DictWriter(fh, fieldnames=fields).writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, row["step"])
+
+    def _drop_after(self, step: int) -> None:
+        """Keep the whole rows up to ``step``; a row cut short by a kill (missing cells, no
+        line end) goes too. The file is rewritten atomically, and only when something changes."""
+        if not self.path.exists():
+            return
+        with self.path.open(newline="") as fh:
+            old = fh.read()
+        kept = [r for r in self._read() if None not in r.values() and 0 <= _row_step(r) <= step]
+        new = _csv_text(self._fields(), kept)
+        if new != old:
+            write_text_atomic(self.path, new)
 
     def _fields(self) -> list[str]:
         if not self.path.exists():
@@ -515,6 +702,22 @@ class _MetricLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _csv_text(fields: list[str], rows: list[dict]) -> str:
+    out = io.StringIO(newline="")
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def _row_step(row: dict) -> int:
+    """The row's step; -1 for a row whose step cell was cut off."""
+    try:
+        return int(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return -1
 
 
 def _progress(total: int, initial: int, enabled: bool):
