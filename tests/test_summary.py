@@ -110,3 +110,17 @@ def test_resumed_run_reports_every_segment_and_this_session(tmp_path, tiny_overr
     assert rows["total time (all 2 segments)"] == f"{t['total_seconds']:.1f} s"
     assert rows["total time (this session)"] == f"{t['total_seconds_this_session']:.1f} s"
     assert load_checkpoint(run)["history"]["segments"] == 2
+
+
+def test_printed_summary_counts_skipped_files_by_reason(tmp_path, tiny_overrides, capsys):
+    """The summary row says how many files were left out and why (before: 'unreadable images
+    skipped' with one number, whatever the reason)."""
+    root = small_labeled_folder(tmp_path / "data")
+    (root / "train" / "cat" / "garbage.png").write_bytes(b"not an image at all")
+    rc = main(["pretrain", *tiny_overrides, *SMALL, f"data.source={root}", "data.limit=null", "trainer.max_steps=1",
+               "eval.final_knn=false", "trainer.run_name=skips"])
+    assert rc == 0
+    rows = _rows(capsys)
+    assert rows["files skipped"] == "1 (1 unreadable)"
+    summary = json.loads((tmp_path / "runs" / "skips" / "summary.json").read_text())
+    assert summary["data"]["skip_reasons"] == {"unreadable": 1}

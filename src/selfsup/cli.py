@@ -107,8 +107,10 @@ def _print_pretrain_summary(summary: dict) -> None:
     rows += _time_rows(t)
     if t.get("images_per_second"):
         rows.append(("throughput", f"{t['images_per_second']:.0f} images/s"))
-    if summary["data"]["skipped_images"]:
-        rows.append(("unreadable images skipped", str(summary["data"]["skipped_images"])))
+    if summary["data"]["skipped_images"]:  # unreadable, over the pixel limit, a link already followed
+        reasons = summary["data"].get("skip_reasons") or {}
+        why = f" ({', '.join(f'{n} {reason}' for reason, n in reasons.items())})" if reasons else ""
+        rows.append(("files skipped", f"{summary['data']['skipped_images']}{why}"))
     if summary["bad_steps_skipped"]:
         rows.append(("non-finite steps skipped", str(summary["bad_steps_skipped"])))
     if summary["monitor"].get("alarm_steps"):
