@@ -330,31 +330,21 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
     """Show or empty the decoded-image cache (decoded folders and resized torchvision datasets)."""
     from selfsup.data.cache import CACHE_ENV_VAR, cache_entries, clean_cache, default_cache_dir
+    from selfsup.train.checkpoint import human_bytes
 
     directory = Path(args.dir).expanduser() if args.dir else default_cache_dir()
     if args.action == "clean":
         count, freed = clean_cache(directory)
-        print(f"removed {count} files ({freed:,} bytes, {_human_bytes(freed)}) from {directory}")
+        print(f"removed {count} files ({freed:,} bytes, {human_bytes(freed)}) from {directory}")
         return 0
     entries = [(path, path.stat()) for path in cache_entries(directory)]
     total = sum(stat.st_size for _, stat in entries)
     print(f"decoded-image cache: {directory} (move it with {CACHE_ENV_VAR}, empty it with: selfsup cache clean)")
-    print(f"{len(entries)} entries, {total:,} bytes ({_human_bytes(total)})")
+    print(f"{len(entries)} entries, {total:,} bytes ({human_bytes(total)})")
     for path, stat in entries:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(stat.st_mtime))
-        print(f"  {path.name}  {_human_bytes(stat.st_size)}  {when}")
+        print(f"  {path.name}  {human_bytes(stat.st_size)}  {when}")
     return 0
-
-
-def _human_bytes(count: int) -> str:
-    if count < 1024:
-        return f"{count} B"
-    size, unit = count / 1024, "KiB"
-    for larger in ("MiB", "GiB", "TiB"):
-        if size < 1024:
-            break
-        size, unit = size / 1024, larger
-    return f"{size:.1f} {unit}"
 
 
 # --------------------------------------------------------------------------------------

@@ -170,18 +170,17 @@ class _EpochBatches:
     One object serves every epoch, so the DataLoader (and its persistent workers) is built once.
     """
 
-    def __init__(self, batch_size: int, drop_last: bool) -> None:
+    def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
-        self.drop_last = drop_last
         self.order = torch.zeros(0, dtype=torch.int64)
-        self.start = 0
+        self.start = self.count = 0
 
-    def plan(self, order: torch.Tensor, start: int) -> None:
-        self.order, self.start = order, start
+    def plan(self, order: torch.Tensor, start: int, count: int) -> None:
+        """Batches ``start`` to ``count`` (the loader's ``len``) of ``order``."""
+        self.order, self.start, self.count = order, start, count
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.order), self.batch_size)
-        return full + (1 if rest and not self.drop_last else 0) - self.start
+        return self.count - self.start
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in range(self.start, self.start + len(self)):
@@ -219,7 +218,7 @@ class StreamLoader(BatchLoader):
         if workers is not None and workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.workers = default_workers() if workers is None else workers
-        self._batches = _EpochBatches(batch_size, drop_last)
+        self._batches = _EpochBatches(batch_size)
         self._loader: DataLoader | None = None
 
     def _data_loader(self) -> DataLoader:
@@ -234,7 +233,7 @@ class StreamLoader(BatchLoader):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         start, self._start_batch = self._start_batch, 0
-        self._batches.plan(self.indices(), start)
+        self._batches.plan(self.indices(), start, len(self))
         for batch in self._data_loader():
             yield self._checked(batch)
 

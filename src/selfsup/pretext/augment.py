@@ -278,27 +278,14 @@ def random_resized_crop_boxes(
     (B, 4) holding integer values.
     """
     device = torch.device(device)
-    if torch.is_tensor(height) or torch.is_tensor(width):
-        return _per_sample_boxes(batch, height, width, scale, ratio, generator, device)
+    if torch.is_tensor(height) or torch.is_tensor(width):  # one (height, width) per sample: (B,) columns
+        heights = torch.as_tensor(height, dtype=torch.float32).to(device).expand(batch)
+        widths = torch.as_tensor(width, dtype=torch.float32).to(device).expand(batch)
+        fallback = _center_fallback_sizes(heights, widths, ratio)
+        return _draw_boxes(batch, heights, widths, heights * widths, fallback, scale, ratio, generator, device)
     area = float(height * width)
     fallback_h, fallback_w = _center_fallback_size(height, width, ratio)
     return _draw_boxes(batch, height, width, area, (fallback_h, fallback_w), scale, ratio, generator, device)
-
-
-def _per_sample_boxes(
-    batch: int,
-    height: int | Tensor,
-    width: int | Tensor,
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    generator: torch.Generator | None,
-    device: torch.device,
-) -> Tensor:
-    """`random_resized_crop_boxes` with one (height, width) per sample, as float32 (B,) columns."""
-    heights = torch.as_tensor(height, dtype=torch.float32).to(device).expand(batch)
-    widths = torch.as_tensor(width, dtype=torch.float32).to(device).expand(batch)
-    fallback = _center_fallback_sizes(heights, widths, ratio)
-    return _draw_boxes(batch, heights, widths, heights * widths, fallback, scale, ratio, generator, device)
 
 
 def _draw_boxes(

@@ -99,16 +99,22 @@ def _disk_full(err: BaseException | None) -> str | None:
 
 def _free_space(folder: Path) -> str:
     try:
-        free = float(shutil.disk_usage(folder).free)
+        free = shutil.disk_usage(folder).free
     except OSError:
         return f"free space in {folder} unknown"
-    if free < 1024:
-        return f"{free:.0f} bytes free in {folder}"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        free /= 1024
-        if free < 1024:
+    return f"{human_bytes(free)} free in {folder}"
+
+
+def human_bytes(count: int) -> str:
+    """``count`` bytes for a person: '512 B', '3.2 MiB', '1.5 GiB'."""
+    if count < 1024:
+        return f"{count} B"
+    size, unit = count / 1024, "KiB"
+    for larger in ("MiB", "GiB", "TiB"):
+        if size < 1024:
             break
-    return f"{free:.1f} {unit} free in {folder}"
+        size, unit = size / 1024, larger
+    return f"{size:.1f} {unit}"
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
