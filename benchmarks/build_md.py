@@ -57,9 +57,9 @@ warm-up, which both I-JEPA recipes now set (`optim.warmup_start_lr: 2.0e-4`), st
 
 Every kNN row in this file was run before the fixes of 2026-12-02 (issue 17) and has not been
 rerun since; what each fix can change in them: SimCLR's NT-Xent computed its logits in bf16 under
-autocast (a 2% gradient difference at batch 256) and Barlow Twins' cross-correlation summed in
+autocast and Barlow Twins' cross-correlation summed in
 bf16, so the bf16 rows of those two trained on slightly different gradients (every loss is now
-fp32; SwAV's prototype scores too, a 0.5% difference); the SwAV, DINO, DINOv2 and MoCo v2 state
+fp32, `tests/test_loss_precision.py`; SwAV's prototype scores too); the SwAV, DINO, DINOv2 and MoCo v2 state
 updates (queues, centres) now run after the optimizer step, which gives the same numbers for any
 run that dropped no step and accumulated no gradients (none of the rows accumulated; they did
 not record dropped steps); the I-JEPA rows warmed up from lr 0 (above); and each row's random-init
