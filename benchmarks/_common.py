@@ -28,6 +28,15 @@ def machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set in MiB (VmHWM). Not ``ru_maxrss``: Linux carries that across
+    ``exec`` from the parent, so a child started by a benchmark would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (not Linux?)")
+
+
 def header(title: str) -> str:
     cmd = " ".join([Path(sys.executable).name, *sys.argv])
     return (f"## {title}\n\n- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}\n"

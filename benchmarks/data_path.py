@@ -1,11 +1,12 @@
-"""The data path at 224 px: the memory path and the streaming path against the model on ready tensors.
+"""The data path at 224 px: the memory, streaming and shard paths against the model on ready tensors.
 
 Builds ImageFolders of 224 x 224 JPEGs from CIFAR-10 (``../shared/data/cifar10-jpg.tar.gz``: the
 32-px training images, UPSCALED to 224 with bicubic resampling and saved at JPEG quality 90, so
 each file decodes like a small ImageNet photo although it holds only CIFAR's detail) with 5,000,
-20,000 and 50,000 images (balanced over the 10 classes) under ``--work`` (default /tmp). For each
-size and each ``data.mode`` it trains SimCLR (``configs/simclr/imagenet.yaml``: 224-px views with
-blur; the backbone and batch from the flags) for ``--steps`` steps and records:
+20,000 and 50,000 images (balanced over the 10 classes) under ``--work`` (default /tmp), and the
+same folders as shards (``selfsup data shard``). For each size, backbone and ``data.mode`` it
+trains SimCLR (``configs/simclr/imagenet.yaml``: 224-px views with blur; the batch from the flags)
+for ``--steps`` steps and records:
 
 * **images/s**: training images per second of wall time over the steps after the trainer's data-wait
   warm-up, the wait for batches included (``DataWait``: the time the loop waits in ``next(it)``
@@ -22,8 +23,8 @@ blur; the backbone and batch from the flags) for ``--steps`` steps and records:
 Usage (from the repository root; sizes over what the machine's RAM allows in memory mode are
 skipped for that mode):
 
-    PYTHONPATH=src python benchmarks/data_path.py [--sizes 5000 20000 50000] [--modes memory stream]
-        [--backbone resnet18] [--batch 256] [--steps 30] [--workers N] [--device auto]
+    PYTHONPATH=src python benchmarks/data_path.py [--sizes 5000 20000 50000] [--modes memory stream shards]
+        [--backbones resnet50 vit_small] [--batch 32] [--steps 8] [--workers N] [--device auto]
 
 Writes ``benchmarks/results/data_path.md``.
 """
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tarfile
@@ -44,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header  # noqa: E402
+from _common import header, peak_rss_mib  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -83,6 +83,16 @@ def build_folder(work: Path, count: int) -> Path:
     return folder
 
 
+def build_shards(folder: Path) -> Path:
+    """``folder`` written as shards beside it (``<folder>-shards``); reused when complete."""
+    from selfsup.data.shards import INDEX_NAME, write_shards
+
+    out = folder.parent / f"{folder.name}-shards"
+    if not (out / INDEX_NAME).exists():
+        write_shards(str(folder), out)
+    return out
+
+
 def _upscale(job: tuple[bytes, str]) -> None:
     import io
 
@@ -96,7 +106,7 @@ def _upscale(job: tuple[bytes, str]) -> None:
 # ------------------------------------------------------------------------------------ one measurement
 
 
-def measure(folder: Path, mode: str, args: argparse.Namespace) -> dict:
+def measure(folder: Path, mode: str, backbone: str, args: argparse.Namespace) -> dict:
     """Train ``args.steps`` steps in ``mode`` on ``folder`` (in this process) and time it."""
     import torch
 
@@ -104,7 +114,7 @@ def measure(folder: Path, mode: str, args: argparse.Namespace) -> dict:
     from selfsup.train.trainer import Trainer
 
     overrides = [f"data.source={folder}", f"data.mode={mode}", f"data.batch_size={args.batch}",
-                 "data.decode_size=224", "data.memory_budget_gib=1000", f"backbone.name={args.backbone}",
+                 "data.decode_size=224", "data.memory_budget_gib=1000", f"backbone.name={backbone}",
                  f"trainer.device={args.device}", f"trainer.max_steps={args.steps}", "trainer.progress=false",
                  "trainer.epochs=1000", "eval.final_knn=false", "eval.online_every=0", "trainer.log_every=1000"]
     if args.workers is not None:
@@ -121,9 +131,9 @@ def measure(folder: Path, mode: str, args: argparse.Namespace) -> dict:
         ready_s = ready_images_per_second(trainer, args)
         workers = getattr(trainer.loader, "workers", 0)
         trainer.loader.close()
-    return {"images": len(trainer.dataset), "mode": mode, "workers": workers, "images_s": images_s,
+    return {"images": len(trainer.dataset), "mode": mode, "backbone": backbone, "workers": workers, "images_s": images_s,
             "ready_s": ready_s, "data_wait": wait.share, "setup_s": setup, "device": str(trainer.device),
-            "precision": trainer.precision, "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "precision": trainer.precision, "rss_mib": peak_rss_mib(),
             "workers_pss_mib": children.peak_mib, "threads": torch.get_num_threads()}
 
 
@@ -196,21 +206,23 @@ def fits_in_memory(count: int) -> bool:
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
-    lines = [header("Data path at 224 px: memory vs streaming vs ready tensors"),
-             f"SimCLR (configs/simclr/imagenet.yaml views), backbone {args.backbone}, batch {args.batch}, "
+    lines = [header("Data path at 224 px: memory vs streaming vs shards vs ready tensors"),
+             f"SimCLR (configs/simclr/imagenet.yaml views), batch {args.batch}, "
              f"{args.steps} steps per configuration; images are CIFAR-10 upscaled to 224 px JPEGs "
              "(decode cost of a 224-px JPEG, CIFAR's detail). images/s includes the wait for data; ready is the "
              "same step on a batch already on the device.", "",
-             "| images | mode | workers | images/s | ready images/s | data_wait | peak MiB: main RSS / workers PSS "
-             "| setup s |", "|---|---|---|---|---|---|---|---|"]
+             "| backbone | images | mode | workers | images/s | ready images/s | of ready | data_wait "
+             "| peak MiB: main RSS / workers PSS | setup s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['images']} | {r['mode']} | | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['backbone']} | {r['images']} | {r['mode']} | | skipped: {r['skipped']} | | | | | |")
             continue
         wait = "n/a" if r["data_wait"] is None else f"{r['data_wait']:.0%}"
         speed = "n/a" if r["images_s"] is None else _rate(r["images_s"])
-        lines.append(f"| {r['images']} | {r['mode']} | {r['workers']} | {speed} | {_rate(r['ready_s'])} | {wait} | "
-                     f"{r['rss_mib']:.0f} / {r['workers_pss_mib']:.0f} | {r['setup_s']:.1f} |")
+        share = "n/a" if r["images_s"] is None else f"{r['images_s'] / r['ready_s']:.0%}"
+        lines.append(f"| {r['backbone']} | {r['images']} | {r['mode']} | {r['workers']} | {speed} | "
+                     f"{_rate(r['ready_s'])} | {share} | {wait} | {r['rss_mib']:.0f} / {r['workers_pss_mib']:.0f} | "
+                     f"{r['setup_s']:.1f} |")
     device = next((r for r in rows if "device" in r), {})
     lines += ["", f"Device {device.get('device', '?')}, precision {device.get('precision', '?')}."]
     return "\n".join(lines) + "\n"
@@ -223,38 +235,41 @@ def _rate(value: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000, 50000])
-    ap.add_argument("--modes", nargs="+", default=["memory", "stream"], choices=["memory", "stream"])
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--modes", nargs="+", default=["memory", "stream", "shards"], choices=["memory", "stream", "shards"])
+    ap.add_argument("--backbones", nargs="+", default=["resnet50", "vit_small"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--workers", type=int, default=None, help="data.workers (default: the library's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "selfsup-data-path")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--one", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=3, metavar=("FOLDER", "MODE", "BACKBONE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:  # a child: one configuration in a fresh process, result as one JSON line
-        print("RESULT " + json.dumps(measure(Path(args.one[0]), args.one[1], args)), flush=True)
+        print("RESULT " + json.dumps(measure(Path(args.one[0]), args.one[1], args.one[2], args)), flush=True)
         return
     os.environ.setdefault("SELFSUP_CACHE_DIR", str(args.work / "cache"))
     rows = []
     for count in args.sizes:
         folder = build_folder(args.work, count)
-        for mode in args.modes:
-            if mode == "memory" and not fits_in_memory(count):
-                rows.append({"images": count, "mode": mode, "skipped": "over half of this machine's RAM"})
-                continue
-            rows.append(run_child(folder, mode, args))
-            print(json.dumps(rows[-1]), flush=True)
+        shards = build_shards(folder) if "shards" in args.modes else None
+        for backbone in args.backbones:
+            for mode in args.modes:
+                if mode == "memory" and not fits_in_memory(count):
+                    rows.append({"images": count, "mode": mode, "backbone": backbone,
+                                 "skipped": "over half of this machine's RAM"})
+                    continue
+                rows.append(run_child(shards if mode == "shards" else folder, mode, backbone, args))
+                print(json.dumps(rows[-1]), flush=True)
     text = report(rows, args)
     args.out.write_text(text)
     print(text)
 
 
-def run_child(folder: Path, mode: str, args: argparse.Namespace) -> dict:
-    flags = [f"--backbone={args.backbone}", f"--batch={args.batch}", f"--steps={args.steps}",
+def run_child(folder: Path, mode: str, backbone: str, args: argparse.Namespace) -> dict:
+    flags = [f"--batch={args.batch}", f"--steps={args.steps}",
              f"--device={args.device}"] + ([f"--workers={args.workers}"] if args.workers is not None else [])
-    proc = subprocess.run([sys.executable, __file__, "--one", str(folder), mode, *flags], capture_output=True,
+    proc = subprocess.run([sys.executable, __file__, "--one", str(folder), mode, backbone, *flags], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

@@ -211,12 +211,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_worker(rank: int, world: int, port: int, folder: str, out: dict) -> None:
+def _rank_worker(rank: int, world: int, port: int, folder: str, out: dict, shards: bool = False) -> None:
+    """One gloo rank streaming ``folder`` (``shards``: a shard set) in batches of 2; ``out[rank]`` is
+    (its batch count, the indices of each batch)."""
+    from selfsup.data.shards import open_shards
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a rank with a batch more than the other would wait in all_gather: the timeout turns a hang into an error
     tdist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
     try:
-        loader = StreamLoader(open_folder_stream(folder), 2, seed=1, rank=rank, world_size=world, workers=0)
+        source = open_shards(folder) if shards else open_folder_stream(folder)
+        loader = StreamLoader(source, 2, seed=1, rank=rank, world_size=world, workers=0)
         seen = []
         for batch in loader:
             parts = [torch.empty_like(batch["index"]) for _ in range(world)]
@@ -322,12 +327,12 @@ def test_auto_keeps_the_embedded_data_in_memory_and_streams_over_the_budget(tmp_
 def test_modes_that_cannot_apply_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="built-in dataset"):
         open_data("embedded", "train", mode="stream")
-    with pytest.raises(ConfigError, match="not available yet"):
+    with pytest.raises(ConfigError, match="built-in dataset"):
         open_data("embedded", "train", mode="shards")
     from selfsup.config import load_config
 
     with pytest.raises(ConfigError, match="data.mode"):
-        load_config(None, ["data.mode=shards"])
+        load_config(None, ["data.mode=tar"])
 
 
 def test_cli_first_lines_say_which_mode_and_why(tmp_path, capsys):

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -533,7 +533,11 @@ def _decode_file(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.T
     no limit). GIFs go to PIL, which decodes only the first frame where torchvision decodes them
     all; other formats use torchvision (fast) and fall back to PIL for what it cannot read.
     """
-    data = read_file(path)
+    return _decode_data(read_file(path), max_pixels)
+
+
+def _decode_data(data: torch.Tensor, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, bool]:
+    """``_decode_file`` on a file's bytes already read (a 1-D uint8 tensor): a member of a shard."""
     raw = data.numpy()
     size = image_size(memoryview(raw))
     if size is not None:
@@ -567,10 +571,12 @@ def _decode_with_pil(raw: np.ndarray, max_pixels: int) -> tuple[torch.Tensor, bo
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), animated
 
 
-def _decode_or_skip(path: str, decode_size: int | None, max_pixels: int) -> tuple[torch.Tensor | None, str]:
-    """Decode and optionally resize one file; returns (image, "") or (image, "animated") or (None, skip reason)."""
+def _decode_or_skip(path: str, decode_size: int | None, max_pixels: int,
+                    data: torch.Tensor | None = None) -> tuple[torch.Tensor | None, str]:
+    """Decode and optionally resize one file (or its bytes ``data``, already read; ``path`` then only
+    names it); returns (image, "") or (image, "animated") or (None, skip reason)."""
     try:
-        image, animated = _decode_file(path, max_pixels)
+        image, animated = _decode_file(path, max_pixels) if data is None else _decode_data(data, max_pixels)
     except _TooManyPixels as exc:
         logger.debug("not decoding %s: %s pixels is over the limit of %d", path, exc, max_pixels)
         return None, TOO_MANY_PIXELS

@@ -1,5 +1,5 @@
 """Batches from a source: `BatchLoader` for the in-memory ImageArrayDataset, `StreamLoader`
-for a FolderStream decoded in DataLoader workers.
+for an ImageStream (a folder or a shard set) decoded in DataLoader workers.
 
 In memory the images already sit in one uint8 tensor, so a batch is a single
 `index_select`; collating thousands of per-item tuples through DataLoader
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from selfsup.data.datasets import ImageArrayDataset
-from selfsup.data.sources import SUBSTITUTE_TRIES, FolderStream, collate_samples
+from selfsup.data.sources import SUBSTITUTE_TRIES, ImageStream, collate_samples
 from selfsup.errors import DataError
 
 MAX_DEFAULT_WORKERS = 8
@@ -123,11 +123,15 @@ class BatchLoader:
         if self.shuffle:
             generator = torch.Generator()
             generator.manual_seed(_mix_seed(self.seed, self.epoch))
-            order = torch.randperm(count, generator=generator)
+            order = self._shuffled(generator)
         else:
             order = torch.arange(count)
         usable = self.samples_per_rank * self.world_size
         return order[:usable][self.rank :: self.world_size]
+
+    def _shuffled(self, generator: torch.Generator) -> torch.Tensor:
+        """One shuffled epoch's order of the dataset's positions."""
+        return torch.randperm(len(self.dataset), generator=generator)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         start, self._start_batch = self._start_batch, 0
@@ -188,12 +192,13 @@ class _EpochBatches:
 
 
 class StreamLoader(BatchLoader):
-    """Batches of a FolderStream decoded by `workers` DataLoader worker processes.
+    """Batches of an ImageStream (a folder, or shards) decoded by `workers` DataLoader worker processes.
 
     The contract is BatchLoader's: the same (seed, epoch) permutation, rank r taking positions
     r::world_size of it truncated to equal counts (so every rank runs the same number of steps
     and none waits in a collective for a batch that never comes), `set_start_batch` for exact
-    mid-epoch resume. Images arrive as uint8 at their own size, padded per batch (see
+    mid-epoch resume; the permutation is the source's own ``epoch_order`` (shards keep reads
+    local). Images arrive as uint8 at their own size, padded per batch (see
     `sources.collate_samples`); augmentation happens on the training device. Workers persist
     across epochs and prefetch PREFETCH_BATCHES batches each; `workers=0` decodes in this process.
     Unreadable files are replaced by the next readable one and counted on the source
@@ -202,7 +207,7 @@ class StreamLoader(BatchLoader):
 
     def __init__(
         self,
-        dataset: FolderStream,
+        dataset: ImageStream,
         batch_size: int,
         *,
         shuffle: bool = True,
@@ -220,6 +225,9 @@ class StreamLoader(BatchLoader):
         self.workers = default_workers() if workers is None else workers
         self._batches = _EpochBatches(batch_size)
         self._loader: DataLoader | None = None
+
+    def _shuffled(self, generator: torch.Generator) -> torch.Tensor:
+        return self.dataset.epoch_order(generator)
 
     def _data_loader(self) -> DataLoader:
         if self._loader is None:
@@ -254,12 +262,12 @@ class StreamLoader(BatchLoader):
         self._loader = None  # the DataLoader's iterator shuts its workers down when it is freed
 
 
-def make_loader(dataset: ImageArrayDataset | FolderStream, batch_size: int, *, workers: int | None = None,
+def make_loader(dataset: ImageArrayDataset | ImageStream, batch_size: int, *, workers: int | None = None,
                 **kwargs: Any) -> BatchLoader:
-    """The loader a source needs: StreamLoader for a FolderStream, BatchLoader for data in memory.
+    """The loader a source needs: StreamLoader for a streamed folder or shards, BatchLoader for data in memory.
 
     `kwargs` are the shared BatchLoader options (shuffle, seed, rank, world_size, drop_last, pin_memory).
     """
-    if isinstance(dataset, FolderStream):
+    if isinstance(dataset, ImageStream):
         return StreamLoader(dataset, batch_size, workers=workers, **kwargs)
     return BatchLoader(dataset, batch_size, **kwargs)

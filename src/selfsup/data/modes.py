@@ -7,7 +7,8 @@ non-square images. ``stream`` lists a folder and decodes each file in DataLoader
 its own size, so crops come from the whole image and the set may be far larger than memory.
 ``auto`` estimates what the memory path would hold and takes it when that fits the memory
 budget (``data.memory_budget_gib``, else the smaller of 8 GiB and a quarter of the RAM),
-streaming otherwise. ``shards`` (packed archives) is not available yet.
+streaming otherwise. ``shards`` reads WebDataset tar shards by index (data/shards.py; written
+from a folder by ``selfsup data shard``); ``auto`` takes it for a folder that holds shards.
 
 Every choice comes with one line saying what was chosen and why, and what the memory path
 cut; the CLI prints it in the run's first line.
@@ -26,17 +27,18 @@ from selfsup.data.datasets import (
     load_dataset,
     max_image_pixels,
 )
-from selfsup.data.sources import DEFAULT_MAX_SIDE, FolderStream, open_folder_stream
+from selfsup.data.shards import open_shards, shard_split_dir
+from selfsup.data.sources import DEFAULT_MAX_SIDE, FolderStream, ImageStream, open_folder_stream
 from selfsup.errors import ConfigError
 
-MODES = ("auto", "memory", "stream")
+MODES = ("auto", "memory", "stream", "shards")
 MEMORY_LIMIT_GIB = 8.0  # the memory path's own limit (load_dataset's max_memory_gib) when none is given
 HEADER_SAMPLES = 16  # files whose header sizes estimate a folder's decoded size
 
 
 @dataclass
 class OpenedData:
-    """A source and how it was chosen: ``mode`` is ``memory`` or ``stream``; ``note`` is one line
+    """A source and how it was chosen: ``mode`` is ``memory``, ``stream`` or ``shards``; ``note`` is one line
     for the run's first line (the mode, why, and what the memory path cut)."""
 
     dataset: Any
@@ -84,16 +86,21 @@ def open_data(
     ``eval_size``: a streamed split is prepared for evaluation at that side (see FolderStream);
     the memory path is unchanged by it. Raises ConfigError for a mode that cannot apply.
     """
-    if mode == "shards":
-        raise ConfigError("data.mode=shards is not available yet; use auto, memory or stream")
     if mode not in MODES:
         raise ConfigError(f"data.mode={mode!r} is not a mode; use {', '.join(MODES)}")
     if not is_folder_source(source):
-        if mode == "stream":
-            raise ConfigError(f"data.mode=stream reads image folders; {source} is a built-in dataset held in "
+        if mode in ("stream", "shards"):
+            raise ConfigError(f"data.mode={mode} reads folders; {source} is a built-in dataset held in "
                               "memory: use data.mode=auto or memory")
         reason = "data.mode=memory" if mode == "memory" else "auto: built-in datasets are held in memory"
         return _memory(source, split, root, decode_size, download, memory_budget_gib, reason)
+    shards = shard_split_dir(source, split)
+    if mode == "shards" or (shards is not None and mode == "auto"):
+        stream = open_shards(source, split, max_side=max_side, eval_size=eval_size)
+        reason = "data.mode=shards" if mode == "shards" else f"auto: {shards} holds shards"
+        return OpenedData(stream, "shards", _stream_note(stream, reason, decode_size))
+    if shards is not None:
+        raise ConfigError(f"{shards} holds shards, which data.mode={mode} cannot read: use data.mode=shards or auto")
     if mode == "memory":
         return _memory(source, split, root, decode_size, download, memory_budget_gib, "data.mode=memory")
     if mode == "stream":
@@ -150,9 +157,13 @@ def _memory(source: str, split: str, root: str | None, decode_size: int | None, 
     return OpenedData(dataset, "memory", note)
 
 
-def _stream_note(stream: FolderStream, reason: str, decode_size: int | None) -> str:
+def _stream_note(stream: ImageStream, reason: str, decode_size: int | None) -> str:
     cap = f"long side capped at {stream.max_side} px" if stream.max_side else "no size cap"
-    note = f"stream ({reason}): {len(stream)} files, each decoded whole by the loader workers, {cap}"
+    if isinstance(stream, FolderStream):
+        what = f"stream ({reason}): {len(stream)} files"
+    else:
+        what = f"shards ({reason}): {len(stream)} samples in {len(stream.index.shards)} shards"
+    note = f"{what}, each decoded whole by the loader workers, {cap}"
     if decode_size is not None:
         note += f"; data.decode_size={decode_size} applies to the memory path only"
     return note

@@ -55,6 +55,7 @@ from selfsup.data.datasets import (
     _warn_skips,
     max_image_pixels,
 )
+from selfsup.errors import DataError
 from selfsup.pretext.augment import _eval_resize_side
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,131 @@ MAX_SKIP_WARNINGS = 5
 """Unreadable files named one by one in the log; later ones are only counted."""
 
 
-class FolderStream(Dataset):
+class ImageStream(Dataset):
+    """What every streamed image source shares (see the module docstring): the sample protocol,
+    the replacement of unreadable items by the next readable one, the skip counts, and the
+    decoding geometry.
+
+    A subclass stores its items and implements ``__len__``, ``path(index)`` (a name for messages),
+    ``read(index)`` (the item's encoded bytes, a 1-D uint8 tensor), ``subset`` and ``fingerprint``;
+    it may override ``epoch_order`` (the shuffled order of one epoch) to keep reads local.
+    """
+
+    def __init__(self, labels: torch.Tensor, classes: Sequence[str], *, name: str, max_side: int | None,
+                 eval_size: int | None, max_pixels: int | None, skips: _Skips | None, directory: str) -> None:
+        self.labels = labels
+        self.classes = list(classes)
+        self.name = name
+        self.max_side = max_side
+        self.eval_size = eval_size
+        self.max_pixels = max_image_pixels() if max_pixels is None else max_pixels
+        self._skips = skips or _Skips()
+        self.directory = directory  # the folder listed, for messages
+        self._skipped_items: set[int] = set()
+        self._fingerprint: str | None = None
+
+    # ---- the source protocol -----------------------------------------------------------
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample at ``index``; an unreadable item gives the next readable one instead.
+
+        ``skipped`` lists the (index, reason) of every item passed over; ``unusable`` is set
+        (and ``images`` absent) when SUBSTITUTE_TRIES items in a row could not be decoded.
+        """
+        skipped: list[tuple[int, str]] = []
+        for step in range(SUBSTITUTE_TRIES + 1):
+            position = (index + step) % len(self)
+            image, status = self.decode(position)
+            if image is not None:
+                # fresh scalars: a view into self.labels would carry its whole storage along
+                label = torch.tensor(int(self.labels[position]), dtype=torch.int64)
+                return {"images": image, "labels": label, "index": torch.tensor(position, dtype=torch.int64),
+                        "skipped": skipped}
+            skipped.append((position, status))
+        return {"unusable": index, "skipped": skipped}
+
+    def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
+        """The order of one shuffled epoch: a uniform permutation of every sample."""
+        return torch.randperm(len(self), generator=generator)
+
+    @property
+    def has_labels(self) -> bool:
+        """True when there are classes and every sample carries a label (what linear evaluation needs)."""
+        return bool(self.classes) and len(self) > 0 and bool((self.labels >= 0).all())
+
+    @property
+    def skipped(self) -> int:
+        """Items left out: those the listing passed over, and unreadable items met so far."""
+        return self._skips.total
+
+    @property
+    def skip_reasons(self) -> dict[str, int]:
+        return dict(self._skips.counts)
+
+    @property
+    def skipped_examples(self) -> list[str]:
+        return self._skips.first_examples()
+
+    # ---- items ---------------------------------------------------------------------------
+
+    def path(self, index: int) -> str:
+        """A name for item ``index`` in messages (its file, or shard and member)."""
+        raise NotImplementedError
+
+    def read(self, index: int) -> torch.Tensor | None:
+        """The encoded bytes of item ``index``; None where the caller should read ``path`` itself."""
+        return None
+
+    def decode(self, index: int) -> tuple[torch.Tensor | None, str]:
+        """(uint8 3 x h x w image, "") for sample ``index``, or (None, the reason it is skipped).
+
+        The size in the header is checked against the pixel limit before decoding (as the
+        memory path does); then the long side is capped at ``max_side``, or the image is
+        prepared for evaluation at ``eval_size``.
+        """
+        try:
+            data = self.read(index)
+        except OSError as exc:
+            logger.debug("cannot read %s: %s", self.path(index), exc)
+            return None, UNREADABLE
+        image, status = _decode_or_skip(self.path(index), None, self.max_pixels, data)
+        if image is None:
+            return None, status
+        if self.eval_size is not None:
+            return _eval_resize_crop(image, self.eval_size), ""
+        return _cap_long_side(image, self.max_side), ""
+
+    def warn_skipped(self) -> None:
+        """Log what the listing left out (links to folders already read, unreadable folders), one line per reason."""
+        _warn_skips(self._skips, Path(self.directory), self.max_pixels)
+
+    def record_skips(self, skipped: Sequence[tuple[int, str]]) -> None:
+        """Count items a worker found unreadable (each item once, however often it is met)."""
+        for index, reason in skipped:
+            if index in self._skipped_items:
+                continue
+            self._skipped_items.add(index)
+            self._skips.add(reason or UNREADABLE, self.path(index))
+            if len(self._skipped_items) <= MAX_SKIP_WARNINGS:
+                logger.warning("skipped %s (%s); the next readable item takes its place in the batch",
+                               self.path(index), reason)
+
+    def _copied_skips(self) -> _Skips:
+        """The listing's records, copied for a subset, which counts its own unreadable items."""
+        skips = _Skips()
+        skips.counts.update(self._skips.counts)
+        skips.examples = {reason: list(paths) for reason, paths in self._skips.examples.items()}
+        return skips
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, n={len(self)}, classes={len(self.classes)}, "
+                f"skipped={self.skipped})")
+
+
+class FolderStream(ImageStream):
     """An image folder read file by file: the streaming source (see the module docstring).
 
     Constructing it lists the files (no image is opened); ``__getitem__`` decodes one file to
@@ -101,62 +226,14 @@ class FolderStream(Dataset):
     ) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        super().__init__(torch.as_tensor(list(labels), dtype=torch.int64), classes, name=name, max_side=max_side,
+                         eval_size=eval_size, max_pixels=max_pixels, skips=listing_skips, directory=directory)
         encoded = [path.encode("utf-8", "surrogateescape") for path in files]
         self._offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
         self._paths = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        self.labels = torch.as_tensor(list(labels), dtype=torch.int64)
-        self.classes = list(classes)
-        self.name = name
-        self.max_side = max_side
-        self.eval_size = eval_size
-        self.max_pixels = max_image_pixels() if max_pixels is None else max_pixels
-        self._skips = listing_skips or _Skips()
-        self.directory = directory  # the folder listed, for messages
-        self._skipped_files: set[int] = set()
-        self._fingerprint: str | None = None
-
-    # ---- the source protocol -----------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self._offsets) - 1
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """The sample at ``index``; an unreadable file gives the next readable one instead.
-
-        ``skipped`` lists the (index, reason) of every file passed over; ``unusable`` is set
-        (and ``images`` absent) when SUBSTITUTE_TRIES files in a row could not be decoded.
-        """
-        skipped: list[tuple[int, str]] = []
-        for step in range(SUBSTITUTE_TRIES + 1):
-            position = (index + step) % len(self)
-            image, status = self.decode(position)
-            if image is not None:
-                # fresh scalars: a view into self.labels would carry its whole storage along
-                label = torch.tensor(int(self.labels[position]), dtype=torch.int64)
-                return {"images": image, "labels": label, "index": torch.tensor(position, dtype=torch.int64),
-                        "skipped": skipped}
-            skipped.append((position, status))
-        return {"unusable": index, "skipped": skipped}
-
-    @property
-    def has_labels(self) -> bool:
-        """True when there are classes and every sample carries a label (what linear evaluation needs)."""
-        return bool(self.classes) and len(self) > 0 and bool((self.labels >= 0).all())
-
-    @property
-    def skipped(self) -> int:
-        """Files and links left out: those the listing passed over, and unreadable files met so far."""
-        return self._skips.total
-
-    @property
-    def skip_reasons(self) -> dict[str, int]:
-        return dict(self._skips.counts)
-
-    @property
-    def skipped_examples(self) -> list[str]:
-        return self._skips.first_examples()
-
-    # ---- files ---------------------------------------------------------------------------
 
     def path(self, index: int) -> str:
         """The file of sample ``index``."""
@@ -167,45 +244,11 @@ class FolderStream(Dataset):
         """Every file, in order (a list: for subsets and fingerprints, not for workers)."""
         return [self.path(i) for i in range(len(self))]
 
-    def decode(self, index: int) -> tuple[torch.Tensor | None, str]:
-        """(uint8 3 x h x w image, "") for sample ``index``, or (None, the reason it is skipped).
-
-        The size in the header is checked against the pixel limit before decoding (as the
-        memory path does); then the long side is capped at ``max_side``, or the image is
-        prepared for evaluation at ``eval_size``.
-        """
-        image, status = _decode_or_skip(self.path(index), None, self.max_pixels)
-        if image is None:
-            return None, status
-        if self.eval_size is not None:
-            return _eval_resize_crop(image, self.eval_size), ""
-        return _cap_long_side(image, self.max_side), ""
-
-    def warn_skipped(self) -> None:
-        """Log what the listing left out (links to folders already read, unreadable folders), one line per reason."""
-        _warn_skips(self._skips, Path(self.directory), self.max_pixels)
-
-    def record_skips(self, skipped: Sequence[tuple[int, str]]) -> None:
-        """Count files a worker found unreadable (each file once, however often it is met)."""
-        for index, reason in skipped:
-            if index in self._skipped_files:
-                continue
-            self._skipped_files.add(index)
-            self._skips.add(reason or UNREADABLE, self.path(index))
-            if len(self._skipped_files) <= MAX_SKIP_WARNINGS:
-                logger.warning("skipped %s (%s); the next readable file takes its place in the batch",
-                               self.path(index), reason)
-
-    # ---- derived sources -------------------------------------------------------------------
-
     def subset(self, keep: torch.Tensor, name: str) -> FolderStream:
         """The samples at the positions ``keep``, in that order (``data.limit``)."""
-        skips = _Skips()  # the listing's records, copied: the subset counts its own unreadable files
-        skips.counts.update(self._skips.counts)
-        skips.examples = {reason: list(paths) for reason, paths in self._skips.examples.items()}
         return FolderStream([self.path(i) for i in keep.tolist()], self.labels[keep].tolist(), self.classes,
                             name=name, max_side=self.max_side, eval_size=self.eval_size, max_pixels=self.max_pixels,
-                            listing_skips=skips, directory=self.directory)
+                            listing_skips=self._copied_skips(), directory=self.directory)
 
     @property
     def fingerprint(self) -> str:
@@ -214,9 +257,6 @@ class FolderStream(Dataset):
             self._fingerprint = state_key(self.paths(), self.labels.tolist(), self.classes, self.max_side,
                                           self.eval_size, self.max_pixels)
         return self._fingerprint
-
-    def __repr__(self) -> str:
-        return f"FolderStream(name={self.name!r}, n={len(self)}, classes={len(self.classes)}, skipped={self.skipped})"
 
 
 def open_folder_stream(
@@ -271,6 +311,16 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"skipped": skipped, "unusable": unusable}
     if not samples:
         return batch
+    for key in samples[0]:  # every other modality's tensors, labels and index: stacked as they are
+        if key in ("images", "skipped"):
+            continue
+        try:
+            batch[key] = torch.stack([sample[key] for sample in samples])
+        except (RuntimeError, KeyError) as exc:
+            raise DataError(f"the samples' {key!r} cannot be stacked into a batch ({exc}); give every sample the "
+                            "same keys and shapes (pad sequences in the dataset)") from None
+    if "images" not in samples[0]:
+        return batch
     images = [sample["images"] for sample in samples]
     sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.int64)
     height, width = (int(side) for side in sizes.max(dim=0).values)
@@ -282,9 +332,7 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
             slot[:, : image.shape[1], : image.shape[2]] = image
         batch["images"] = canvas
         batch["image_sizes"] = sizes
-    batch["labels"] = torch.stack([sample["labels"] for sample in samples])
-    batch["index"] = torch.stack([sample["index"] for sample in samples])
     return batch
 
 
-__all__ = ["DEFAULT_MAX_SIDE", "FolderStream", "collate_samples", "open_folder_stream"]
+__all__ = ["DEFAULT_MAX_SIDE", "FolderStream", "ImageStream", "collate_samples", "open_folder_stream"]
