@@ -30,18 +30,19 @@ def tiny_overrides(tmp_path):
     return [*TINY, f"trainer.out_dir={tmp_path / 'runs'}"]
 
 
-def resume_matches_straight(cfg, tmp_path, until_step: int):
+def resume_matches_straight(cfg, tmp_path, until_step: int, data=None):
     """Train ``cfg`` straight through, and again stopped at ``until_step`` then resumed from its
-    checkpoint; assert both end with the same weights and buffers (1e-6, fp32).
+    checkpoint; assert both end with the same weights and buffers (1e-6, fp32). ``data``: given
+    to every ``fit`` (a Python Dataset or iterable) instead of ``cfg.data.source``.
     Returns (the checkpoint at the stop, the final state dict) for method-specific checks."""
     from selfsup.train.checkpoint import load_checkpoint
     from selfsup.train.trainer import Trainer
 
-    Trainer(cfg, run_dir=tmp_path / "straight").fit()
-    Trainer(cfg, run_dir=tmp_path / "split").fit(until_step=until_step)
+    Trainer(cfg, run_dir=tmp_path / "straight").fit(data=data)
+    Trainer(cfg, run_dir=tmp_path / "split").fit(data=data, until_step=until_step)
     mid = load_checkpoint(tmp_path / "split")
     assert mid["position"]["step"] == until_step
-    Trainer(cfg, run_dir=tmp_path / "split", resume=mid).fit()
+    Trainer(cfg, run_dir=tmp_path / "split", resume=mid).fit(data=data)
     a = load_checkpoint(tmp_path / "straight")["model"]
     b = load_checkpoint(tmp_path / "split")["model"]
     assert a.keys() == b.keys()

@@ -69,7 +69,7 @@ class Plugin(Method):
 BACKBONE_PLUGIN = """
 from selfsup.registry import register_backbone
 
-@register_backbone({name!r})
+@register_backbone({name!r}, modality="image")
 def build(cfg):
     return None
 """

@@ -61,7 +61,9 @@ def _trainer(name: str, path) -> Trainer:
     recipe, overrides = RECIPES[name]
     cfg = load_config(recipe, [*overrides, "trainer.precision=32", "trainer.device=cpu", "trainer.progress=false",
                                f"trainer.out_dir={path}"])
-    return Trainer(cfg, run_dir=path)
+    trainer = Trainer(cfg, run_dir=path)
+    trainer.attach_data()  # the method prepares on the data (BEiT's tokenizer) before any poisoning
+    return trainer
 
 
 def _poison(method: torch.nn.Module, on: dict) -> None:

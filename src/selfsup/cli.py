@@ -68,7 +68,7 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume_ckpt)
     if trainer.is_main:
-        where = "in memory" if trainer.data_mode == "memory" else "streamed"
+        where = {"memory": "in memory", "stream": "streamed", "shards": "from shards"}[trainer.data_mode]
         print(f"selfsup {__version__}: {cfg.method.name} on {cfg.data.source} ({len(trainer.dataset)} samples "
               f"{where}), backbone {cfg.backbone.name}, {trainer.device} {trainer.precision}, world size "
               f"{trainer.world}, {trainer.total_steps} steps of batch {cfg.data.batch_size}, lr {trainer.lr:.3g}\n"
@@ -207,8 +207,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         return cmd_finetune(args, overrides)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
     out = _result_path(args.out, path.parent / f"eval_{args.protocol}.json")
-    method = method.to(memory_format=torch.channels_last)  # what training used; faster convs
-    method.channels_last = True
+    if method.use_channels_last(True):  # what training used; faster convs
+        method = method.to(memory_format=torch.channels_last)
     feats = labeled_features(method, cfg, device=device, source=args.data, train_split=args.train_split,
                              test_split=args.test_split, cache_dir=path.parent / "features",
                              cache_tag=checkpoint_tag(path), precision=precision)
@@ -324,6 +324,28 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------
+# data
+
+
+def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Write an image folder as WebDataset shards with an index (data.mode=shards reads them)."""
+    from selfsup.data.shards import DEFAULT_SHARD_BYTES, write_shards
+    from selfsup.train.checkpoint import human_bytes
+
+    if overrides:
+        raise SelfSupError(f"selfsup data shard takes no overrides: {' '.join(overrides)}")
+    max_bytes = int(args.shard_mib * 2**20) if args.shard_mib else DEFAULT_SHARD_BYTES
+    summary = write_shards(args.src, args.out, args.split, max_samples=args.shard_samples, max_bytes=max_bytes)
+    rows = [("samples", f"{summary.samples:,}"), ("shards", f"{summary.shards} in {summary.out}"),
+            ("image bytes", human_bytes(summary.bytes)), ("time", f"{summary.seconds:.1f} s")]
+    for reason, count in summary.skips.counts.items():
+        rows.append((f"skipped ({reason})", f"{count} (e.g. {summary.skips.examples[reason][0]})"))
+    rows.append(("use with", f"--data {summary.out}  (data.mode=auto or shards)"))
+    _print_table(rows, "shards")
+    return 0
+
+
+# --------------------------------------------------------------------------------------
 # cache
 
 
@@ -404,6 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("methods", help="list the registered methods with their papers")
     me.set_defaults(func=cmd_methods)
+
+    da = sub.add_parser("data", help="write an image folder as WebDataset shards (data.mode=shards)")
+    da.add_argument("action", choices=["shard"])
+    da.add_argument("src", help="an image folder (class subfolders give labels), or its parent holding SPLIT/")
+    da.add_argument("out", help="an empty folder for the shards and index.npz")
+    da.add_argument("--split", default="train", help="the split to write when SRC holds split folders (default train)")
+    da.add_argument("--shard-samples", type=int, default=10_000, help="samples per shard at most (default 10000)")
+    da.add_argument("--shard-mib", type=float, help="MiB of images per shard at most (default 1024)")
+    da.set_defaults(func=cmd_data)
 
     ca = sub.add_parser("cache", help="show (info) or empty (clean) the decoded-image cache")
     ca.add_argument("action", choices=["info", "clean"])

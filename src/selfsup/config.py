@@ -52,8 +52,8 @@ class DataConfig:
     max_side: int | None = 512  # stream: shrink larger images to this long side, keeping aspect (null: none)
 
     def validate(self) -> None:
-        _check(self.mode in ("auto", "memory", "stream"), "data.mode", self.mode,
-               "must be auto, memory or stream (shards are not available yet)")
+        _check(self.mode in ("auto", "memory", "stream", "shards"), "data.mode", self.mode,
+               "must be auto, memory, stream or shards")
         if self.memory_budget_gib is not None:
             _check(self.memory_budget_gib > 0, "data.memory_budget_gib", self.memory_budget_gib, "must be > 0")
         if self.workers is not None:
@@ -256,12 +256,26 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
+        self._check_modalities()
         self._check_local_crops()
         for f in dataclasses.fields(self):
             _validate_nested(getattr(self, f.name), f.name)
         check_batch = getattr(self.method, "min_batch_size", 1)
         _check(self.data.batch_size >= check_batch, "data.batch_size", self.data.batch_size,
                f"must be >= {check_batch} for {self.method.name} (it needs negatives or batch statistics)")
+
+    def _check_modalities(self) -> None:
+        """The method must accept the modality of its encoder and of its data (when the source's
+        modality can be told without reading it): one line each (see selfsup.modalities)."""
+        from selfsup.modalities import check_source, describe
+        from selfsup.registry import backbone_modality, get_method
+
+        method = get_method(self.method.name)
+        encoder = backbone_modality(self.backbone.name)
+        if encoder is not None and encoder not in method.modalities:
+            raise ConfigError(f"backbone.name={self.backbone.name} is an {encoder} encoder; {method.name} trains on "
+                              f"{describe(method.modalities)}")
+        check_source(method.name, method.modalities, self.data.source)
 
     def _check_local_crops(self) -> None:
         """Local crops only for methods that declare ``uses_local_crops`` (SwAV, DINO, DINOv2); the

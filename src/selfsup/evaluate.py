@@ -169,9 +169,8 @@ def final_knn(method: Method, cfg: Config, device: torch.device, precision: str)
 def _random_init_knn(method: Method, cfg: Config, seed: int, device: torch.device, precision: str) -> dict:
     """kNN of ``cfg``'s architecture freshly built with ``seed`` (``build_method`` seeds from the config)."""
     rand = build_method(replace(cfg, trainer=replace(cfg.trainer, seed=seed))).to(device)
-    if getattr(method, "channels_last", False):
+    if method.channels_last and rand.use_channels_last(True):
         rand = rand.to(memory_format=torch.channels_last)
-        rand.channels_last = True
     return run_knn(labeled_features(rand, cfg, device=device, precision=precision), cfg)
 
 

@@ -9,6 +9,7 @@ from selfsup.errors import ConfigError
 
 METHODS: dict[str, type] = {}
 BACKBONES: dict[str, Callable] = {}
+BACKBONE_MODALITIES: dict[str, str] = {}  # backbone name -> the modality it encodes
 
 
 def _origin(obj: Callable) -> str:
@@ -35,12 +36,13 @@ def register_method(cls: type) -> type:
     return cls
 
 
-def register_backbone(name: str) -> Callable[[Callable], Callable]:
+def register_backbone(name: str, *, modality: str) -> Callable[[Callable], Callable]:
     """Decorator: makes a backbone builder ``fn(BackboneConfig) -> nn.Module`` reachable by ``name``
-    (unique)."""
+    (unique), as an encoder of ``modality``."""
 
     def deco(fn: Callable) -> Callable:
         _add(BACKBONES, "backbone", name, fn)
+        BACKBONE_MODALITIES[name] = modality
         return fn
 
     return deco
@@ -53,12 +55,22 @@ def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
 
 
 def get_method(name: str) -> type:
-    import selfsup.methods  # noqa: F401  (registers every method)
+    from selfsup.methods import register_all
+
+    register_all()
 
     key = str(name).lower()
     if key not in METHODS:
         raise _unknown("method", str(name), list(METHODS))
     return METHODS[key]
+
+
+def backbone_modality(name: str) -> str | None:
+    """The modality backbone ``name`` encodes (``timm:<model>``: image); None for an unknown name,
+    which ``get_backbone_builder`` reports."""
+    import selfsup.backbones  # noqa: F401  (registers every backbone)
+
+    return BACKBONE_MODALITIES.get("timm" if name.startswith("timm:") else name)
 
 
 def get_backbone_builder(name: str) -> Callable:

@@ -71,10 +71,10 @@ def _set_width(model: torchvision.models.ResNet, width: int, zero_init_residual:
 
 
 for _arch in ("resnet18", "resnet34", "resnet50", "resnet101"):
-    register_backbone(_arch)(lambda cfg, _a=_arch: _resnet(_a, cfg))
+    register_backbone(_arch, modality="image")(lambda cfg, _a=_arch: _resnet(_a, cfg))
 
 
-@register_backbone("timm")
+@register_backbone("timm", modality="image")
 def _timm(cfg: BackboneConfig) -> Backbone:
     import timm
 

@@ -289,4 +289,4 @@ def _build_vit(size: str, cfg: BackboneConfig) -> ViT:
 
 
 for _size in VIT_SIZES:
-    register_backbone(_size)(lambda cfg, _s=_size: _build_vit(_s, cfg))
+    register_backbone(_size, modality="image")(lambda cfg, _s=_size: _build_vit(_s, cfg))

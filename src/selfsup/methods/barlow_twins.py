@@ -37,7 +37,8 @@ import torch
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import barlow_twins_terms, cross_correlation
-from selfsup.methods.base import Method, MethodConfig, StepOutput
+from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 
 
@@ -65,7 +66,7 @@ class BarlowTwinsConfig(MethodConfig):
 
 
 @register_method
-class BarlowTwins(Method):
+class BarlowTwins(ImageMethod):
     name = "barlow_twins"
     paper = "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction"
     family = "redundancy"

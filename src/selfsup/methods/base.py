@@ -5,8 +5,11 @@ A Method is an ``nn.Module`` with
   embeddings the collapse monitor watches) from a raw batch (uint8 images, token ids, ...);
   the method makes its own views/masks on the batch's device;
 - ``encode(x) -> features``: what downstream evaluation uses, from a preprocessed input;
-- ``embed(batch) -> features``: raw eval batch -> features (preprocessing + ``encode``), used by
+- ``embed(batch) -> features``: raw eval batch -> features (``preprocess`` + ``encode``), used by
   kNN / linear probe / export so the evaluation code never knows the modality;
+- ``modalities``: the modalities it accepts (see ``selfsup.modalities``). The base class knows
+  none: the views of each modality (image crops, multi-crop, channels_last) live on that
+  modality's side, e.g. ``selfsup.modalities.image.ImageMethod``, which every image method subclasses;
 - ``on_step_end(progress)``: after each optimizer step the trainer keeps (EMA teachers, queues,
   centres, schedules). A method changes its own state only there: what ``forward`` computes for a
   later update (keys to enqueue, a teacher mean for the centre) it hands to ``defer``, and a step
@@ -24,8 +27,6 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from selfsup.errors import ConfigError
-from selfsup.pretext.augment import Augment, eval_transform
 
 
 @dataclass
@@ -70,34 +71,27 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""  # "Authors Year, Title" for `selfsup methods`
     family: ClassVar[str] = ""  # contrastive | distillation | clustering | redundancy | masked | pretext
-    modalities: ClassVar[tuple[str, ...]] = ("image",)
+    modalities: ClassVar[tuple[str, ...]] = ()  # what it trains on; each modality's base class sets it
     Config: ClassVar[type] = MethodConfig
     # multi-crop: whether the method trains on augment.local crops; the config refuses n_local > 0 otherwise
     uses_local_crops: ClassVar[bool] = False
     # optimizer hint: submodules trained at the constant base lr, off the lr schedule (SimSiam's predictor)
     fixed_lr_modules: ClassVar[tuple[str, ...]] = ()
-    # trains on one view of each image, augment.views[0] (MAE, BEiT, data2vec 2.0, rotation): make_views
+    # trains on one view of each sample, augment.views[0] (MAE, BEiT, data2vec 2.0, rotation): make_views
     # makes only that one, and any further views in the config are ignored
     single_view: ClassVar[bool] = False
+    # whether the trainer put the inputs in channels_last (use_channels_last); False for non-image methods
+    channels_last: bool = False
 
-    def __init__(self, cfg: Any, backbone: nn.Module, augment: Any) -> None:
+    def __init__(self, cfg: Any, backbone: nn.Module, augment: Any = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
-        self.views = nn.ModuleList(Augment(v) for v in augment.views)
-        self.local_views = nn.ModuleList(Augment(augment.local) for _ in range(augment.n_local))
-        self.channels_last = False  # set by the trainer
         self._deferred: list[Callable[[], None]] = []  # state updates of this step, run by on_step_end
-        first = augment.views[0]
-        self.eval_size, self.eval_mean, self.eval_std = first.size, first.mean, first.std
 
-    def require_two_views(self, no_local: bool = False) -> None:
-        """Refuse an augment config that does not give the two views (and, with ``no_local``, no
-        local crops) that two-view methods train on."""
-        if len(self.views) != 2 or (no_local and len(self.local_views)):
-            local = f", augment.n_local={len(self.local_views)}" if no_local else ""
-            raise ConfigError(f"{self.name} trains on exactly 2 views{' and no local crops' if no_local else ''}; "
-                              f"augment.views has {len(self.views)}{local}")
+    def use_channels_last(self, enabled: bool) -> bool:
+        """Whether the method takes the trainer's channels_last choice (4-D image inputs do, others do not)."""
+        return False
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -151,23 +145,9 @@ class Method(nn.Module):
         image ('' when that is all ``encode`` does); ``selfsup export`` prints it and stores it."""
         return ""
 
-    def layout(self, x: torch.Tensor) -> torch.Tensor:
-        """Put an image batch in the memory format the trainer chose (channels_last is ~1.5-3x
-        faster for convnets on CPU with bf16 and on tensor-core GPUs)."""
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
-
     def preprocess(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Normalized eval inputs (B, 3, eval_size, eval_size) of a raw batch (``eval_transform``).
-
-        A padded batch (with ``image_sizes``) is prepared image by image from each image's own
-        pixels; streamed evaluation sources send images already at the eval size, unpadded."""
-        images, sizes = view_inputs(batch)
-        if sizes is None:
-            x = eval_transform(images, self.eval_size, self.eval_mean, self.eval_std)
-        else:
-            x = torch.cat([eval_transform(image[None, :, :h, :w], self.eval_size, self.eval_mean, self.eval_std)
-                           for image, (h, w) in zip(images, sizes.tolist())])
-        return self.layout(x)
+        """The ``encode`` input of a raw evaluation batch; each modality's base class defines it."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to prepare a batch for encode")
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encode(self.preprocess(batch)).float()
@@ -195,23 +175,3 @@ class Method(nn.Module):
     def prepare(self, dataset: Any, run_dir: Any = None) -> None:
         """Hook before the first step, after a resumed run's state is loaded: methods that fit
         something on the training data (BEiT's tokenizer) do it here; most need nothing."""
-
-    def make_views(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
-        """All global views then all local views of a batch, made on its device (only the first view
-        for ``single_view`` methods).
-
-        ``batch`` is the loader's dict: uint8 ``images`` and, when it holds images of different sizes
-        padded to one canvas, ``image_sizes`` (B, 2), so that every crop is drawn inside its own image.
-        A bare uint8 image tensor is taken as ``{"images": tensor}``."""
-        images, sizes = view_inputs(batch)
-        augments = self.views[:1] if self.single_view else (*self.views, *self.local_views)
-        if sizes is None:  # one size: any view module taking just the images will do
-            return [self.layout(v(images)) for v in augments]
-        return [self.layout(v(images, image_sizes=sizes)) for v in augments]
-
-
-def view_inputs(batch: dict[str, torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(uint8 images, per-image sizes or None) of a batch dict, or of a bare image tensor."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    return batch["images"], batch.get("image_sizes")

@@ -55,7 +55,8 @@ from torch import nn
 from selfsup import dist
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.losses import beit_loss
-from selfsup.methods.base import Method, MethodConfig, StepOutput
+from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.pretext.masking import block_masking
 from selfsup.pretext.tokenizer import PatchKMeansTokenizer, load_tokenizer_file, sample_patch_features
 from selfsup.registry import register_method
@@ -99,7 +100,7 @@ class BEiTConfig(MethodConfig):
 
 
 @register_method
-class BEiT(Method):
+class BEiT(ImageMethod):
     name = "beit"
     paper = "Bao et al. 2022, BEiT: BERT Pre-Training of Image Transformers"
     family = "masked"

@@ -44,7 +44,8 @@ from torch import nn
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import byol_loss
-from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.methods.base import MethodConfig, Progress, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 from selfsup.train.ema import ema_update, make_teacher
 from selfsup.train.schedules import momentum_schedule
@@ -70,7 +71,7 @@ class BYOLConfig(MethodConfig):
 
 
 @register_method
-class BYOL(Method):
+class BYOL(ImageMethod):
     name = "byol"
     paper = "Grill et al. 2020, Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning"
     family = "distillation"

@@ -55,7 +55,8 @@ from torch import nn
 
 from selfsup.errors import ConfigError
 from selfsup.losses import data2vec_loss, data2vec_targets
-from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.methods.base import MethodConfig, Progress, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 from selfsup.train.ema import ema_update, make_teacher
 
@@ -153,7 +154,7 @@ def _spread(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_method
-class Data2Vec2(Method):
+class Data2Vec2(ImageMethod):
     name = "data2vec2"
     paper = ("Baevski et al. 2023, Efficient Self-supervised Learning with Contextualized Target "
              "Representations for Vision, Speech and Language")

@@ -61,6 +61,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from selfsup.errors import ConfigError
 from selfsup.losses import dino_center_update, dino_loss
 from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.methods.swav import ParamFreezer, TrainingClock, multicrop_sizes
 from selfsup.pretext.multicrop import allow_any_input_size, forward_by_resolution
 from selfsup.registry import register_method
@@ -135,7 +136,7 @@ class DINOConfig(MethodConfig):
 
 
 @register_method
-class DINO(Method):
+class DINO(ImageMethod):
     name = "dino"
     paper = "Caron et al. 2021, Emerging Properties in Self-Supervised Vision Transformers"
     family = "distillation"

@@ -67,7 +67,8 @@ from torch import nn
 from selfsup.errors import ConfigError
 from selfsup.losses import (dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher,
                             swav_loss)
-from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.methods.base import MethodConfig, Progress, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.methods.dino import DINOHead, defer_center, teacher_step
 from selfsup.methods.swav import ParamFreezer, TrainingClock
 from selfsup.pretext.masking import block_masking
@@ -181,7 +182,7 @@ def _uniform_drop_path(vit: nn.Module) -> None:
 
 
 @register_method
-class DINOv2(Method):
+class DINOv2(ImageMethod):
     name = "dinov2"
     paper = "Oquab et al. 2024, DINOv2: Learning Robust Visual Features without Supervision"
     family = "distillation"

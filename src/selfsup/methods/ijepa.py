@@ -68,7 +68,8 @@ from torch import nn
 from selfsup.backbones.vit import sincos_2d_pos_embed
 from selfsup.errors import ConfigError
 from selfsup.losses import ijepa_loss
-from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.methods.base import MethodConfig, Progress, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.pretext.masking import multiblock_masking
 from selfsup.registry import register_method
 from selfsup.train.ema import ema_update, make_teacher
@@ -184,7 +185,7 @@ class IJEPAConfig(MethodConfig):
 
 
 @register_method
-class IJEPA(Method):
+class IJEPA(ImageMethod):
     name = "ijepa"
     paper = "Assran et al. 2023, Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture"
     family = "masked"

@@ -62,7 +62,8 @@ from torch import nn
 
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
-from selfsup.methods.base import Method, MethodConfig, StepOutput, view_inputs
+from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.methods.rotation import classification_loss
 from selfsup.pretext.permutations import (
     CRITERIA,
@@ -129,7 +130,7 @@ class JigsawConfig(MethodConfig):
 
 
 @register_method
-class Jigsaw(Method):
+class Jigsaw(ImageMethod):
     name = "jigsaw"
     paper = "Noroozi & Favaro 2016, Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles"
     family = "pretext"
@@ -165,7 +166,7 @@ class Jigsaw(Method):
         """Shuffled tiles ``(B, T, C, t, t)`` of a uint8 batch (each normalized on its own when
         ``tile_norm``) and the index of the permutation each image got ``(B,)``: position i of
         puzzle b holds tile ``permutations[labels[b], i]`` (cells numbered row-major).
-        ``image_sizes`` (B, 2): each image's own size in a padded batch (see ``Method.make_views``).
+        ``image_sizes`` (B, 2): each image's own size in a padded batch (see ``ImageMethod.make_views``).
         The view is made here, not by ``make_views``: the tiles need its grayscale draws."""
         view = self.views[0]
         batch, _, height, width = images.shape
@@ -211,7 +212,7 @@ class Jigsaw(Method):
         return self.backbone(self.layout(flat))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> StepOutput:
-        tiles, labels = self.make_puzzles(*view_inputs(batch))
+        tiles, labels = self.make_puzzles(*self.view_inputs(batch))
         n = tiles.shape[0]
         if self.cfg.input == "image":  # position i of the grid holds tile permutations[label, i]
             feats = self.backbone(self.layout(assemble_tiles(tiles, self.cfg.grid)))

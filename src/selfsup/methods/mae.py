@@ -54,7 +54,8 @@ from selfsup.backbones.vit import sincos_2d_pos_embed
 from selfsup.errors import ConfigError
 from selfsup.losses import mae_loss
 from selfsup.losses.reconstruction import patch_stats
-from selfsup.methods.base import Method, MethodConfig, StepOutput
+from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.pretext.masking import random_masking
 from selfsup.registry import register_method
 
@@ -122,7 +123,7 @@ class MAEConfig(MethodConfig):
 
 
 @register_method
-class MAE(Method):
+class MAE(ImageMethod):
     name = "mae"
     paper = "He et al. 2022, Masked Autoencoders Are Scalable Vision Learners"
     family = "masked"

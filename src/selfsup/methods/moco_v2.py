@@ -45,7 +45,8 @@ from selfsup import dist
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import moco_info_nce
-from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.methods.base import MethodConfig, Progress, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 from selfsup.train.ema import ema_update, make_teacher
 
@@ -91,7 +92,7 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
 
 
 @register_method
-class MoCoV2(Method):
+class MoCoV2(ImageMethod):
     name = "mocov2"
     paper = "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning (MoCo: He et al. 2020)"
     family = "contrastive"

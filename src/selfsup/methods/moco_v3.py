@@ -44,7 +44,8 @@ from torch import nn
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import moco_v3_loss
-from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.methods.base import MethodConfig, Progress, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 from selfsup.train.ema import EMA, make_teacher
 
@@ -74,7 +75,7 @@ class MoCoV3Config(MethodConfig):
 
 
 @register_method
-class MoCoV3(Method):
+class MoCoV3(ImageMethod):
     name = "mocov3"
     paper = "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers"
     family = "contrastive"

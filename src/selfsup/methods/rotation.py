@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
-from selfsup.methods.base import Method, MethodConfig, StepOutput
+from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 
 N_ROTATIONS = 4
@@ -81,7 +82,7 @@ class RotationConfig(MethodConfig):
 
 
 @register_method
-class Rotation(Method):
+class Rotation(ImageMethod):
     name = "rotation"
     paper = "Gidaris et al. 2018, Unsupervised Representation Learning by Predicting Image Rotations"
     family = "pretext"

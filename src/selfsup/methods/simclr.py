@@ -21,7 +21,8 @@ import torch
 from selfsup.errors import ConfigError
 from selfsup.heads import ProjectionHead
 from selfsup.losses import nt_xent
-from selfsup.methods.base import Method, MethodConfig, StepOutput
+from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 
 
@@ -42,7 +43,7 @@ class SimCLRConfig(MethodConfig):
 
 
 @register_method
-class SimCLR(Method):
+class SimCLR(ImageMethod):
     name = "simclr"
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations"
     family = "contrastive"

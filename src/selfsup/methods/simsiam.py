@@ -38,7 +38,8 @@ import torch
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import simsiam_loss
-from selfsup.methods.base import Method, MethodConfig, StepOutput
+from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 
 
@@ -59,7 +60,7 @@ class SimSiamConfig(MethodConfig):
 
 
 @register_method
-class SimSiam(Method):
+class SimSiam(ImageMethod):
     name = "simsiam"
     paper = "Chen & He 2021, Exploring Simple Siamese Representation Learning"
     family = "distillation"

@@ -53,7 +53,8 @@ from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import sinkhorn_knopp, swav_loss
 from selfsup.losses._precision import autocast_off
-from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.methods.base import MethodConfig, Progress, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.pretext.multicrop import allow_any_input_size, forward_by_resolution
 from selfsup.registry import register_method
 from selfsup.train.monitor import prediction_uniformity
@@ -158,7 +159,7 @@ class SwAVConfig(MethodConfig):
 
 
 @register_method
-class SwAV(Method):
+class SwAV(ImageMethod):
     name = "swav"
     paper = "Caron et al. 2020, Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"
     family = "clustering"

@@ -33,7 +33,8 @@ import torch
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import vicreg_terms
-from selfsup.methods.base import Method, MethodConfig, StepOutput
+from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 
 
@@ -63,7 +64,7 @@ class VICRegConfig(MethodConfig):
 
 
 @register_method
-class VICReg(Method):
+class VICReg(ImageMethod):
     name = "vicreg"
     paper = "Bardes, Ponce & LeCun 2022, VICReg: Variance-Invariance-Covariance Regularization for " \
             "Self-Supervised Learning"

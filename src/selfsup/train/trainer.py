@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -136,18 +136,26 @@ def limit_dataset(dataset, limit: int | None, seed: int = 0):
 
 
 def open_training_data(cfg: Config, data=None) -> tuple[Any, str, str]:
-    """(source, mode, one-line note) of the training split, chosen by ``data.mode`` (data/modes.py);
-    ``data``, a source built by the caller, is used as given."""
+    """(source, mode, one-line note) of the training split: read by the reader of the source's
+    modality (selfsup.modalities; for images ``data.mode``'s choice, data/modes.py). ``data``, a
+    source built by the caller, is used as given."""
+    from selfsup.data.shards import ShardStream
     from selfsup.data.sources import FolderStream
+    from selfsup.data.user import BatchIterable, SampleSource
+    from selfsup.modalities import check_source, get_modality, modality_of_source
+    from selfsup.registry import get_method
 
     if data is not None:
-        mode = "stream" if isinstance(data, FolderStream) else "memory"
-        return data, mode, f"{mode} (a dataset given to the Trainer)"
-    from selfsup.data.modes import open_data
-
-    d = cfg.data
-    opened = open_data(d.source, d.train_split, mode=d.mode, root=d.root, decode_size=d.decode_size,
-                       download=d.download, max_side=d.max_side, memory_budget_gib=d.memory_budget_gib)
+        kinds = ((FolderStream, "stream"), (ShardStream, "shards"), (SampleSource, "dataset"),
+                 (BatchIterable, "iterable"))
+        mode = next((name for kind, name in kinds if isinstance(data, kind)), "memory")
+        what = {"dataset": "a Dataset of samples given to the Trainer, read by the loader workers",
+                "iterable": "an iterable of batches given to the Trainer, read as it comes"}
+        return data, mode, f"{mode} ({what.get(mode, 'a source given to the Trainer')})"
+    method = get_method(cfg.method.name)
+    check_source(method.name, method.modalities, cfg.data.source)
+    modality = modality_of_source(cfg.data.source, method.modalities) or method.modalities[0]
+    opened = get_modality(modality).open(cfg.data, cfg.data.train_split)
     return opened.dataset, opened.mode, opened.note
 
 
@@ -182,7 +190,7 @@ class DataWait:
         if self.warned or share is None or self.steps < self.WARMUP + self.SETTLE or share <= self.THRESHOLD:
             return None
         self.warned = True
-        if mode == "stream":
+        if mode != "memory":
             fix = f"raise data.workers (now {workers}), or use data.mode=memory if the decoded set fits in RAM"
         else:
             fix = "the batches come from memory, so check for other processes on these cores (trainer.threads)"
@@ -218,6 +226,43 @@ def make_run_dir(cfg: Config, run_dir: str | Path | None = None) -> Path:
     return Path(path)
 
 
+def refuse_held_run_dir(cfg: Config, run_dir: str | Path | None) -> None:
+    """ConfigError when the run's named folder already holds a run (only a resume continues one)."""
+    if run_dir is None and cfg.trainer.run_name is None:
+        return  # a new default name is claimed when the run starts
+    path = Path(run_dir) if run_dir is not None else Path(cfg.trainer.out_dir) / cfg.trainer.run_name
+    held = [name for name in _RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("*.ckpt")][:1]
+    if held:
+        raise ConfigError(f"{path} already holds a run ({', '.join(dict.fromkeys(held))}); continue it with "
+                          f"`selfsup pretrain --resume {path}`, or choose another trainer.run_name")
+
+
+@dataclass
+class _TrainingData:
+    """What ``Trainer.attach_data`` opened: the source, how, its loader, the step counts, the run folder."""
+
+    dataset: Any
+    mode: str
+    note: str
+    loader: Any
+    steps_per_epoch: int
+    total_steps: int
+    run_dir: Path
+
+
+def make_training_loader(dataset: Any, cfg: Config, per_rank: int, rank: int, world: int, *,
+                         pin_memory: bool) -> Any:
+    """The training loader of a source: shuffled from (seed, epoch), equal shares per rank, full
+    batches; an iterable of batches (``selfsup.data.user.BatchIterable``) is its own loader."""
+    from selfsup.data.loader import make_loader
+    from selfsup.data.user import BatchIterable
+
+    if isinstance(dataset, BatchIterable):
+        return dataset.loader(cfg, per_rank)
+    return make_loader(dataset, per_rank, workers=cfg.data.workers, shuffle=True, seed=cfg.trainer.seed, rank=rank,
+                       world_size=world, drop_last=True, pin_memory=pin_memory)
+
+
 def _claim_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
     if run_dir is None and cfg.trainer.run_name is None:
         base = Path(cfg.trainer.out_dir) / f"{cfg.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -229,11 +274,8 @@ def _claim_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
                 return path
             except FileExistsError:
                 continue
+    refuse_held_run_dir(cfg, run_dir)
     path = Path(run_dir) if run_dir is not None else Path(cfg.trainer.out_dir) / cfg.trainer.run_name
-    held = [name for name in _RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("*.ckpt")][:1]
-    if held:
-        raise ConfigError(f"{path} already holds a run ({', '.join(dict.fromkeys(held))}); continue it with "
-                          f"`selfsup pretrain --resume {path}`, or choose another trainer.run_name")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -298,8 +340,6 @@ class _StopFlag:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: dict | None = None,
                  data=None) -> None:
-        from selfsup.data.loader import make_loader
-
         self._t_session = time.perf_counter()  # this session's wall time counts from here (setup included)
         init_distributed(cfg.trainer.device)
         self.cfg = cfg
@@ -317,34 +357,15 @@ class Trainer:
                 f"trainer.accumulate={cfg.trainer.accumulate} micro-batches"
             )
         self.micro_batch = per_rank
-        self.dataset, self.data_mode, self.data_note = open_training_data(cfg, data)
-        if cfg.data.limit is not None and cfg.data.limit < len(self.dataset):
-            self.dataset = limit_dataset(self.dataset, cfg.data.limit)
-        # pinned host memory only for streamed batches on CUDA: the memory path stays as it was
-        self.loader = make_loader(self.dataset, per_rank, workers=cfg.data.workers, shuffle=True,
-                                  seed=cfg.trainer.seed, rank=self.rank, world_size=self.world, drop_last=True,
-                                  pin_memory=self.data_mode == "stream" and self.device.type == "cuda")
-        if self.data_mode == "stream":
-            self.data_note += f", {self.loader.workers} loader worker(s) (data.workers)"
-        self.data_wait = DataWait()
-        self.steps_per_epoch = len(self.loader) // cfg.trainer.accumulate
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"one epoch of {len(self.dataset)} samples gives no full step of data.batch_size="
-                f"{cfg.data.batch_size}; lower the batch size"
-            )
-        self.total_steps = self.steps_per_epoch * cfg.trainer.epochs
-        if cfg.trainer.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.trainer.max_steps)
-
         self.method = build_method(cfg).to(self.device)
         self.init_report = None
         if cfg.backbone.init and resume is None:  # a resumed run has its own weights
             self.init_report = self.method.init_from(cfg.backbone.init)
-        self.channels_last = cfg.trainer.channels_last and self.device.type in ("cpu", "cuda")
+        # channels_last where the method's inputs are 4-D images (ImageMethod takes it, others decline)
+        wanted = cfg.trainer.channels_last and self.device.type in ("cpu", "cuda")
+        self.channels_last = self.method.use_channels_last(wanted)
         if self.channels_last:
             self.method = self.method.to(memory_format=torch.channels_last)
-        self.method.channels_last = self.channels_last
         self.lr = cfg.optim.scaled_lr(cfg.data.batch_size)
         self.optimizer = build_optimizer(self.method, cfg.optim, self.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "16-mixed")
@@ -358,14 +379,54 @@ class Trainer:
         self.history: dict[str, Any] = {"train_seconds": 0.0, "images": 0, "wall_seconds": 0.0, "segments": 0}
         if resume is not None:
             self._load_state(resume)
-        # the run's folder is claimed once the data, model and checkpoint proved usable, so that a
-        # start that fails leaves no empty folder; a resume continues in its own folder
-        continuing = resume is not None and run_dir is not None
-        self.run_dir = Path(run_dir) if continuing else make_run_dir(cfg, run_dir)
+        # a resume continues in its own folder; a new run's folder is checked now and claimed once the
+        # data proved usable (attach_data), so that a start that fails leaves no empty folder
+        self._continuing = resume is not None and run_dir is not None
+        self._run_dir_arg = run_dir
+        if not self._continuing:
+            refuse_held_run_dir(cfg, run_dir)
+        self.model = self.method
+        self.data_wait = DataWait()
+        self._data: _TrainingData | None = None
+        if data is not None:
+            self.attach_data(data)
+
+    # ---- the data ------------------------------------------------------------------------
+
+    def attach_data(self, data: Any = None) -> None:
+        """Open the training data, once: ``data`` when given, else ``cfg.data.source`` through its
+        modality's reader. ``data`` may be a selfsup source, a map-style Dataset of samples (dicts
+        such as ``{"images": uint8 (3, H, W), "labels": int}``, or ``(image, label)`` pairs as
+        torchvision datasets give), or any other iterable of batches (a DataLoader, an
+        IterableDataset); see ``selfsup.data.user``. Then the run's folder is claimed and the
+        method prepares on the data (BEiT's tokenizer). The properties below attach the
+        configured data when read first; ``fit(data=...)`` attaches the given one."""
+        if self._data is not None:
+            raise ConfigError("this Trainer already has its training data; build a new Trainer for other data")
+        from selfsup.data.user import adapt_training_data
+
+        cfg = self.cfg
+        dataset, mode, note = open_training_data(cfg, adapt_training_data(data, cfg, self.method))
+        if cfg.data.limit is not None and hasattr(dataset, "subset") and cfg.data.limit < len(dataset):
+            dataset = limit_dataset(dataset, cfg.data.limit)
+        loader = make_training_loader(dataset, cfg, self.micro_batch, self.rank, self.world,
+                                      pin_memory=mode != "memory" and self.device.type == "cuda")
+        if mode in ("stream", "shards", "dataset"):
+            note += f", {loader.workers} loader worker(s) (data.workers)"
+        steps_per_epoch = len(loader) // cfg.trainer.accumulate
+        if steps_per_epoch < 1:
+            raise ConfigError(
+                f"one epoch of {len(dataset)} samples gives no full step of data.batch_size="
+                f"{cfg.data.batch_size}; lower the batch size"
+            )
+        total_steps = steps_per_epoch * cfg.trainer.epochs
+        if cfg.trainer.max_steps is not None:
+            total_steps = min(total_steps, cfg.trainer.max_steps)
+        run_dir = Path(self._run_dir_arg) if self._continuing else make_run_dir(cfg, self._run_dir_arg)
+        self._data = _TrainingData(dataset, mode, note, loader, steps_per_epoch, total_steps, run_dir)
         # methods that fit something on the data first (BEiT's tokenizer): after a resume's state is
         # loaded, so what the checkpoint brought is not refit, and before DDP broadcasts the buffers
-        self.method.prepare(self.dataset, self.run_dir)
-        self.model = self.method
+        self.method.prepare(dataset, run_dir)
         if self.world > 1:
             if cfg.trainer.sync_bn:  # BN statistics over the global batch, as SimCLR/BYOL/SimSiam do
                 if self.device.type != "cuda":
@@ -373,6 +434,43 @@ class Trainer:
                 self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)
             self.model = DistributedDataParallel(
                 self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _attached(self) -> _TrainingData:
+        if self._data is None:
+            self.attach_data()
+        assert self._data is not None
+        return self._data
+
+    @property
+    def dataset(self) -> Any:
+        """The training source (the configured one unless ``attach_data``/``fit`` was given data)."""
+        return self._attached().dataset
+
+    @property
+    def data_mode(self) -> str:
+        """How the data is read: ``memory``, ``stream``, ``shards``, ``dataset`` or ``iterable``."""
+        return self._attached().mode
+
+    @property
+    def data_note(self) -> str:
+        """One line saying which data mode was chosen and why (the run's first lines print it)."""
+        return self._attached().note
+
+    @property
+    def loader(self) -> Any:
+        return self._attached().loader
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self._attached().steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self._attached().total_steps
+
+    @property
+    def run_dir(self) -> Path:
+        return self._attached().run_dir
 
     # ---- state -----------------------------------------------------------------------
 
@@ -489,9 +587,14 @@ class Trainer:
 
     # ---- the run -----------------------------------------------------------------------
 
-    def fit(self, until_step: int | None = None) -> dict:
+    def fit(self, data: Any = None, until_step: int | None = None) -> dict:
         """Train to the end (or, with ``until_step``, pause there as if stopped: the checkpoint
-        is written and a later ``Trainer(..., resume=ckpt).fit()`` carries on exactly)."""
+        is written and a later ``Trainer(..., resume=ckpt).fit(...)`` carries on exactly).
+
+        ``data``: train on it instead of ``cfg.data.source`` (see ``attach_data``); a resumed
+        trainer is given the same data again."""
+        if data is not None:
+            self.attach_data(data)
         cfg = self.cfg
         stop_at = self.total_steps if until_step is None else min(until_step, self.total_steps)
         if self.is_main:

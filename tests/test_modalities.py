@@ -1,0 +1,156 @@
+"""The modality-general core (selfsup.modalities) and training on a user's own data
+(``Trainer(cfg).fit(data=...)``, selfsup.data.user).
+
+The base Method knows no modality; every method declares the modalities it takes, and a batch,
+a data source or an encoder of another modality is refused in one line. A Python Dataset of
+(PIL image, label) pairs and a DataLoader of batches train with exact resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, resume_matches_straight
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+import selfsup
+from selfsup import modalities as M
+from selfsup.cli import main
+from selfsup.config import load_config
+from selfsup.errors import ConfigError, DataError
+from selfsup.methods.base import Method
+from selfsup.registry import METHODS, get_method
+from selfsup.train.trainer import Trainer
+
+
+@pytest.fixture
+def series_modality(monkeypatch):
+    """A second modality, registered for the test: batches keyed ``series``, sources named ``toyseries``."""
+    toy = M.Modality("series", ("series",), lambda source: source == "toyseries", lambda *a, **k: None)
+    monkeypatch.setitem(M.MODALITIES, "series", toy)
+    return toy
+
+
+def test_the_base_method_knows_no_modality_and_every_method_declares_its_own():
+    for name in ("make_views", "views", "layout", "require_two_views", "view_inputs"):
+        assert not hasattr(Method, name), name
+    assert Method.modalities == () and not Method.channels_last
+    get_method("simclr")  # registers every method
+    for name, cls in METHODS.items():
+        assert cls.modalities == ("image",), name
+    assert M.modality_of_batch({"images": torch.zeros(1)}) == "image"
+    assert M.modality_of_source("embedded") == "image"
+
+
+def test_a_batch_of_another_modality_is_one_line(series_modality):
+    model = selfsup.create("simclr", **{"augment.views.0.size": 16, "augment.views.1.size": 16})
+    with pytest.raises(ConfigError) as err:
+        model({"series": torch.zeros(4, 3, 100)})
+    assert str(err.value) == ("simclr takes image batches (key 'images'); it was given a series batch "
+                              "(keys: series)")
+    with pytest.raises(ConfigError, match=r"a batch of no known modality \(keys: attention_mask, tokens\)"):
+        model({"tokens": torch.zeros(4, 8, dtype=torch.long), "attention_mask": torch.ones(4, 8)})
+
+
+def test_config_rejects_data_and_encoders_of_another_modality(series_modality, monkeypatch, capsys):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.source=toyseries"])
+    assert str(err.value) == "simclr trains on image data; data.source=toyseries is series data"
+    assert main(["pretrain", "data.source=toyseries"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "selfsup: error: simclr trains on image data; data.source=toyseries is series data"]
+
+    from selfsup import registry
+
+    monkeypatch.setitem(registry.BACKBONES, "toy_series_net", lambda cfg: None)
+    monkeypatch.setitem(registry.BACKBONE_MODALITIES, "toy_series_net", "series")
+    with pytest.raises(ConfigError, match=r"^backbone.name=toy_series_net is an series encoder; mae trains on image$"):
+        load_config(None, ["method.name=mae", "backbone.name=toy_series_net"])
+
+
+def test_a_method_taking_several_modalities_reads_the_source_with_the_matching_reader(series_modality):
+    assert M.modality_of_source("toyseries", ("image", "series")) == "series"
+    M.check_source("data2vec_any", ("image", "series"), "toyseries")  # accepted: no error
+    assert get_method("simclr").modalities == ("image",)
+
+
+# ----------------------------------------------------------------------------------- the user's data
+
+
+class PilPairs(Dataset):
+    """What a torchvision dataset gives: (PIL image, label) pairs, here 20 x 24 RGB."""
+
+    def __init__(self, n: int = 48, broken: tuple[int, ...] = ()) -> None:
+        rng = np.random.default_rng(0)
+        self.pixels = rng.integers(0, 256, (n, 20, 24, 3), dtype=np.uint8)
+        self.broken = broken
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int):
+        if index in self.broken:
+            raise OSError(f"cannot read item {index}")
+        return Image.fromarray(self.pixels[index]), index % 3
+
+
+def _cfg(*extra: str):
+    return load_config(None, [*TINY, "data.limit=null", "backbone.width=8", "eval.final_knn=false", "data.workers=0",
+                              "trainer.epochs=2", *extra])
+
+
+def test_fit_on_a_dataset_of_pil_pairs_resumes_exactly(tmp_path):
+    mid, _ = resume_matches_straight(_cfg(), tmp_path, until_step=4, data=PilPairs())  # 3 steps an epoch
+    assert mid["position"] == {"step": 4, "epoch": 1, "batch": 1}
+    trainer = Trainer(_cfg(), run_dir=tmp_path / "summary")
+    summary = trainer.fit(data=PilPairs(broken=(5,)))
+    assert trainer.data_mode == "dataset" and summary["position"]["step"] == 6
+    assert summary["data"]["skipped_images"] == 1 and summary["data"]["train_samples"] == 48
+
+
+def test_fit_on_a_dataloader_of_batches_resumes_exactly(tmp_path):
+    batches = DataLoader(PilPairs(), batch_size=16, collate_fn=lambda items: (
+        torch.stack([torch.from_numpy(np.array(img)) for img, _ in items]),  # B x H x W x 3: channels last
+        torch.tensor([label for _, label in items])))
+    mid, _ = resume_matches_straight(_cfg(), tmp_path, until_step=4, data=batches)
+    assert mid["position"]["step"] == 4
+    trainer = Trainer(_cfg(), run_dir=tmp_path / "mode")
+    trainer.attach_data(batches)
+    assert trainer.data_mode == "iterable" and trainer.total_steps == 6
+    with pytest.raises(ConfigError, match="already has its training data"):
+        trainer.fit(data=batches)
+
+
+def test_user_data_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="has no length, so no epochs: set trainer.max_steps"):
+        Trainer(_cfg(), run_dir=tmp_path / "a").fit(data=(b for b in []))
+    once = (torch.zeros(16, 3, 8, 8, dtype=torch.uint8) for _ in range(2))
+    with pytest.raises(DataError, match="ended after 2 batches"):
+        Trainer(_cfg("trainer.max_steps=3"), run_dir=tmp_path / "b").fit(data=once)
+    with pytest.raises(ConfigError, match="hold 8 samples but each rank's share of data.batch_size is 16"):
+        Trainer(_cfg(), run_dir=tmp_path / "c").fit(data=IterTwice(torch.zeros(8, 3, 8, 8)))
+
+    class Tokens(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"tokens": torch.zeros(8, dtype=torch.long)}
+
+    with pytest.raises(ConfigError, match="simclr takes image batches .* a batch of no known modality"):
+        Trainer(_cfg(), run_dir=tmp_path / "d").fit(data=Tokens())
+    with pytest.raises(DataError, match=r"expected an image with 3 dims \(C, H, W\), got shape \(2, 3, 8, 8\)"):
+        Trainer(_cfg(), run_dir=tmp_path / "e").fit(data=torch.utils.data.TensorDataset(torch.zeros(4, 2, 3, 8, 8)))
+
+
+class IterTwice:
+    """An iterable of two batches with a length, iterated as often as asked."""
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return 2
+
+    def __iter__(self):
+        return iter([self.batch, self.batch])
