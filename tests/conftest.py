@@ -35,7 +35,7 @@ def resume_matches_straight(cfg, tmp_path, until_step: int, data=None):
     checkpoint; assert both end with the same weights and buffers (1e-6, fp32). ``data``: given
     to every ``fit`` (a Python Dataset or iterable) instead of ``cfg.data.source``.
     Returns (the checkpoint at the stop, the final state dict) for method-specific checks."""
-    from selfsup.train.checkpoint import load_checkpoint
+    from selfsup.checkpoint import load_checkpoint
     from selfsup.train.trainer import Trainer
 
     Trainer(cfg, run_dir=tmp_path / "straight").fit(data=data)

@@ -7,10 +7,10 @@ from conftest import TINY
 from test_skipped_step import RECIPES
 
 import selfsup
+from selfsup.checkpoint import load_checkpoint
 from selfsup.cli import main
 from selfsup.config import load_config
 from selfsup.errors import CheckpointError, ConfigError
-from selfsup.train.checkpoint import load_checkpoint
 from selfsup.train.trainer import Trainer
 
 

@@ -12,10 +12,18 @@ from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.build import build_method
 from selfsup.errors import ConfigError
-from selfsup.losses import (barlow_twins_loss, barlow_twins_terms, covariance_loss, cross_correlation,
-                            invariance_loss, variance_loss, vicreg_loss, vicreg_terms)
-from selfsup.train.trainer import build_method
+from selfsup.losses import (
+    barlow_twins_loss,
+    barlow_twins_terms,
+    covariance_loss,
+    cross_correlation,
+    invariance_loss,
+    variance_loss,
+    vicreg_loss,
+    vicreg_terms,
+)
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 BASE = [*(o for o in TINY if not o.startswith("method.")), "backbone.width=16"]

@@ -9,15 +9,20 @@ import pytest
 import torch
 from conftest import resume_matches_straight
 
+from selfsup.checkpoint import load_checkpoint
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.build import build_method
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.losses import beit_loss
 from selfsup.methods.beit import BEiT
 from selfsup.pretext.masking import block_masking
-from selfsup.pretext.tokenizer import (PatchKMeansTokenizer, load_tokenizer_file, nearest_code, patch_features)
-from selfsup.train.checkpoint import load_checkpoint
-from selfsup.train.trainer import build_method
+from selfsup.pretext.tokenizer import (
+    PatchKMeansTokenizer,
+    load_tokenizer_file,
+    nearest_code,
+    patch_features,
+)
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 RECIPE = str(CONFIGS / "beit" / "cifar10.yaml")
@@ -255,3 +260,23 @@ def test_resume_matches_straight_and_keeps_the_codebook(tmp_path, monkeypatch):
     more = load_checkpoint(tmp_path / "split")
     assert len(fits) == 2 and more["position"]["step"] == 12
     assert torch.equal(more["model"]["tokenizer.codebook"], final["tokenizer.codebook"])
+
+
+def test_the_tokenizer_fits_on_a_streamed_folder_of_varied_sizes(tmp_path):
+    """Streamed images are read one by one as far as the patches need, each cropped inside its own size."""
+    from test_streaming import SIZES, write_folder
+
+    from selfsup.data.sources import open_folder_stream
+    from selfsup.methods.beit import tokenizer_images
+    from selfsup.pretext.tokenizer import sample_patch_features
+
+    folder = write_folder(tmp_path / "data", SIZES * 8)  # 48 images of 6 sizes, 12 to 40 px
+    stream = open_folder_stream(str(folder))
+    method = _method()
+    feats = sample_patch_features(tokenizer_images(stream), method.views[0], 4, 300, seed=3)
+    again = sample_patch_features(stream, method.views[0], 4, 300, seed=3)
+    assert feats.shape == (300, 4 * 4 * 3) and torch.equal(feats, again)  # deterministic from the seed
+    assert main(["tokenizer", "fit", "--config", RECIPE, "--out", str(tmp_path / "tok.safetensors"), *TINY,
+                 f"data.source={folder}", "data.mode=stream", "data.limit=null"]) == 0
+    kind, codebook = load_tokenizer_file(tmp_path / "tok.safetensors")
+    assert kind == "codebook" and codebook.shape == (16, 48) and torch.isfinite(codebook).all()

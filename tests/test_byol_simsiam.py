@@ -10,10 +10,10 @@ from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.build import build_method
+from selfsup.core.method import Progress
 from selfsup.errors import ConfigError
 from selfsup.losses import byol_loss, negative_cosine, normalized_mse, simsiam_loss
-from selfsup.methods.base import Progress
-from selfsup.train.trainer import build_method
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # a 16-channel ResNet-18 keeps every step ~8x cheaper than the full width on a shared CPU

@@ -58,7 +58,7 @@ def plugin_dir(tmp_path, monkeypatch):
 
 
 METHOD_PLUGIN = """
-from selfsup.methods.base import Method
+from selfsup.core.method import Method
 from selfsup.registry import register_method
 
 @register_method
@@ -125,7 +125,7 @@ RUN = ["data.source=embedded", "data.limit=64", "data.batch_size=16", "trainer.e
 
 def test_simsiam_recipe_holds_the_predictor_at_the_base_lr_while_the_rest_follow_the_schedule(tmp_path):
     from selfsup.methods import simsiam
-    from selfsup.train.schedules import cosine_schedule
+    from selfsup.nn.schedules import cosine_schedule
 
     # the recipe with a one-epoch warm-up added, so both ends of the schedule are seen
     cfg = load_config(CONFIGS / "simsiam" / "cifar10.yaml", [
@@ -153,7 +153,7 @@ def test_simsiam_recipe_holds_the_predictor_at_the_base_lr_while_the_rest_follow
 
 def test_ijepa_recipes_warm_up_from_the_start_lr_the_docstring_states(tmp_path):
     from selfsup.methods import ijepa
-    from selfsup.train.schedules import cosine_schedule
+    from selfsup.nn.schedules import cosine_schedule
 
     stated = re.search(r"warm-up is the official one, linear from ``start_lr`` (\S+) to (\S+):", ijepa.__doc__)
     assert stated, "the I-JEPA docstring states where its warm-up starts"

@@ -11,11 +11,12 @@ from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 import selfsup.methods.data2vec2 as d2v_module
 from selfsup.config import load_config
+from selfsup.core.build import build_method
+from selfsup.core.method import Progress
 from selfsup.errors import ConfigError
 from selfsup.losses import data2vec_loss, data2vec_targets
-from selfsup.methods.base import Progress
-from selfsup.methods.data2vec2 import ConvDecoder2d, annealed_decay
-from selfsup.train.trainer import build_method
+from selfsup.methods.data2vec2 import ConvDecoder2d
+from selfsup.nn.teacher import annealed_decay
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # ViT 32 wide, 2 blocks, 4-px patches on 16-px crops (4x4 grid, 3 of 16 patches visible), 3 clones

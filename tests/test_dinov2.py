@@ -13,12 +13,18 @@ from conftest import resume_matches_straight
 
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.build import build_method
+from selfsup.core.method import Progress
 from selfsup.errors import ConfigError
-from selfsup.losses import dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher, swav_loss
-from selfsup.methods.base import Progress
+from selfsup.losses import (
+    dino_loss,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp_teacher,
+    swav_loss,
+)
 from selfsup.methods.dinov2 import ibot_masks
 from selfsup.train.optim import param_groups
-from selfsup.train.trainer import build_method
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # ViT 32 wide, 2 blocks, patch 4: 16-px global crops (4x4 = 16 patches), 8-px local crops

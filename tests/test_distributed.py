@@ -122,8 +122,8 @@ def _global_batches() -> torch.Tensor:
 
 def _build(name: str, world: int, extra: tuple[str, ...] = ()):
     from selfsup.config import load_config
+    from selfsup.core.build import build_method
     from selfsup.heads import mlp
-    from selfsup.train.trainer import build_method
 
     overrides = [*RECIPES[name], *extra]
     if name == "mocov2" and world == 1:  # one process, two BN groups: the two ranks' per-GPU BN
@@ -143,8 +143,8 @@ def _train(name: str, rank: int, world: int, extra: tuple[str, ...] = ()) -> dic
     without BN running statistics (those are per rank by design)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from selfsup.methods.base import Progress
-    from selfsup.train.trainer import step_seed
+    from selfsup.core.method import Progress
+    from selfsup.core.runtime import step_seed
 
     method = _build(name, world, extra)
     model = DistributedDataParallel(method) if world > 1 else method

@@ -9,12 +9,13 @@ import torch
 from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.config import load_config
+from selfsup.core.build import build_method
+from selfsup.core.method import Progress
 from selfsup.errors import ConfigError
 from selfsup.losses import ijepa_loss
-from selfsup.methods.base import Progress
-from selfsup.methods.ijepa import JEPAPredictor, linear_momentum
+from selfsup.methods.ijepa import JEPAPredictor
+from selfsup.nn.teacher import linear_momentum
 from selfsup.pretext.masking import multiblock_masking
-from selfsup.train.trainer import build_method
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # a 1-block, 32-wide ViT with 4-px patches on 32-px crops (8x8 grid, as the CIFAR recipe), a

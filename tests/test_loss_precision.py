@@ -139,6 +139,11 @@ def _beit_loss(g):
     return {"logits": logits}, lambda logits: L.beit_loss(logits, ids[mask])
 
 
+def _classification_loss(g):
+    labels = torch.randint(0, 100, (512,), generator=g)  # jigsaw's 100 permutations, a batch of puzzles
+    return {"logits": 3.0 * _randn(g, 512, 100)}, lambda logits: L.classification_loss(logits, labels)
+
+
 def _mae(fn, **kw):
     def build(g):
         target = _randn(g, 16, 196, 768)  # ViT-B/16 patches of normalized 224-px crops
@@ -174,6 +179,7 @@ CASES: dict[str, Callable[[torch.Generator], Case]] = {
     "data2vec_loss": _data2vec_loss,
     "ijepa_loss": _ijepa_loss,
     "beit_loss": _beit_loss,
+    "classification_loss": _classification_loss,
     "mae_loss": _mae(L.mae_loss),
     "patch_stats": _one(importlib.import_module("selfsup.losses.reconstruction").patch_stats, 16, 196, 768),
     "cross_correlation": _two_view(L.cross_correlation, d=1024),

@@ -12,11 +12,11 @@ from conftest import resume_matches_straight
 
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.build import build_method
 from selfsup.errors import ConfigError
 from selfsup.losses import mae_loss
 from selfsup.methods.mae import MAEDecoder
 from selfsup.pretext.masking import random_masking
-from selfsup.train.trainer import build_method
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 RECIPE = CONFIGS / "mae" / "cifar10.yaml"

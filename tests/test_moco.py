@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, resume_matches_straight
 from torch import nn
 
-from conftest import TINY, resume_matches_straight
+from selfsup.checkpoint import load_checkpoint
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.build import build_method
+from selfsup.core.method import Progress
 from selfsup.errors import ConfigError
 from selfsup.losses import moco_info_nce, moco_v3_ctr, moco_v3_loss
-from selfsup.methods.base import Progress
 from selfsup.methods.moco_v2 import enqueue
-from selfsup.train.checkpoint import load_checkpoint
-from selfsup.train.trainer import build_method
 
 BASE = [*(o for o in TINY if not o.startswith("method.")), "backbone.width=16"]  # a narrow ResNet-18: fast
 V2 = [*BASE, "method.name=mocov2", "method.proj_hidden_dim=32", "method.proj_dim=16", "method.queue_size=64",

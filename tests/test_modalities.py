@@ -1,4 +1,4 @@
-"""The modality-general core (selfsup.modalities) and training on a user's own data
+"""The modality-general core (selfsup.registry, selfsup.modalities) and training on a user's own data
 (``Trainer(cfg).fit(data=...)``, selfsup.data.user).
 
 The base Method knows no modality; every method declares the modalities it takes, and a batch,
@@ -15,11 +15,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import selfsup
-from selfsup import modalities as M
+from selfsup import registry as M
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.method import Method
 from selfsup.errors import ConfigError, DataError
-from selfsup.methods.base import Method
 from selfsup.registry import METHODS, get_method
 from selfsup.train.trainer import Trainer
 
@@ -154,3 +154,22 @@ class IterTwice:
 
     def __iter__(self):
         return iter([self.batch, self.batch])
+
+
+def test_backbones_give_features_before_pooling_that_pool_to_their_output():
+    """``forward_features`` in timm's sense: a ResNet's last map (mean-pooled: its output), a ViT's
+    normed tokens (CLS: its output), a timm model's own forward_features."""
+    from selfsup.backbones import build_backbone
+    from selfsup.config import BackboneConfig
+
+    x = torch.randn(2, 3, 32, 32)
+    for cfg in (BackboneConfig(name="resnet18", width=8), BackboneConfig(name="vit_tiny", img_size=32, patch_size=8,
+                                                                          depth=1, embed_dim=32, num_heads=2),
+                BackboneConfig(name="timm:resnet10t")):
+        net = build_backbone(cfg).eval()
+        with torch.no_grad():
+            feats, out = net.forward_features(x), net(x)
+        pooled = feats[:, 0] if feats.ndim == 3 else feats.mean(dim=(2, 3))
+        assert out.shape == (2, net.out_dim) and torch.allclose(pooled, out, atol=1e-5), cfg.name
+    assert build_backbone(BackboneConfig(name="vit_tiny", img_size=32, patch_size=8, depth=1, embed_dim=32,
+                                         num_heads=2)).forward_features(x).shape == (2, 1 + 16, 32)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from selfsup.train.monitor import UNIFORM_ALARM, CollapseMonitor, embedding_std, prediction_uniformity
+from selfsup.nn.metrics import prediction_uniformity
+from selfsup.train.monitor import UNIFORM_ALARM, CollapseMonitor, embedding_std
 
 
 def test_prediction_uniformity_by_hand():

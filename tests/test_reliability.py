@@ -16,16 +16,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
 
-import selfsup.train.checkpoint as ckpt_mod
+import selfsup.checkpoint as ckpt_mod
+from selfsup.checkpoint import (
+    load_checkpoint,
+    remove_stale_temp_files,
+    save_atomic,
+    write_text_atomic,
+)
 from selfsup.cli import main
 from selfsup.config import load_config
 from selfsup.errors import ConfigError, WriteError
-from selfsup.train.checkpoint import load_checkpoint, remove_stale_temp_files, save_atomic, write_text_atomic
-from selfsup.train.trainer import Trainer, make_run_dir
-
-from conftest import TINY
+from selfsup.train.runtime import make_run_dir
+from selfsup.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # TINY at half the batch: 4 steps an epoch, each half the work
@@ -120,7 +125,7 @@ def test_named_run_refuses_an_existing_run_directory(tmp_path, capsys):
 
 
 def test_default_run_names_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
-    import selfsup.train.trainer as trainer_mod
+    import selfsup.train.runtime as trainer_mod
 
     class FrozenClock:  # every run starts in the same second
         @staticmethod

@@ -5,18 +5,23 @@ import re
 
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
 
 from selfsup.backbones import build_backbone
 from selfsup.cli import main
 from selfsup.config import BackboneConfig, load_config
+from selfsup.core.build import build_method
 from selfsup.data import load_dataset
-from selfsup.eval.finetune import finetune, layer_decay_param_groups, mix_batch, vit_layer_id
+from selfsup.data.loader import limit_dataset
+from selfsup.eval.finetune import (
+    finetune,
+    layer_decay_param_groups,
+    mix_batch,
+    vit_layer_id,
+)
 from selfsup.evaluate import load_method
 from selfsup.report import cls_attention, project_2d, read_metrics, write_report
-from selfsup.train.trainer import build_method, limit_dataset
-
-from conftest import TINY
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 VIT = ["backbone.name=timm:vit_tiny_patch16_224", "backbone.img_size=16", "backbone.patch_size=4"]

@@ -12,8 +12,10 @@ from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.build import build_method
 from selfsup.errors import ConfigError
-from selfsup.methods.rotation import classification_loss, rotate_batch
+from selfsup.losses import classification_loss
+from selfsup.methods.rotation import rotate_batch
 from selfsup.pretext.permutations import (
     assemble_tiles,
     extract_tiles,
@@ -24,7 +26,6 @@ from selfsup.pretext.permutations import (
     tile_positions,
     unshuffle_tiles,
 )
-from selfsup.train.trainer import build_method
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # one 16-px view (the recipes have one), a 16-channel ResNet-18: every step is a few ms

@@ -76,7 +76,7 @@ def test_memory_and_stream_give_the_same_batches_for_a_seed(tmp_path, workers):
 def test_views_of_equal_batches_are_equal(tmp_path):
     """With augmentation on, a streamed batch of one size is augmented exactly as the memory batch."""
     from selfsup.config import load_config
-    from selfsup.train.trainer import build_method
+    from selfsup.core.build import build_method
 
     folder = write_folder(tmp_path / "data", [(20, 20)] * 8)
     mem = next(iter(BatchLoader(load_dataset(str(folder)), 8, seed=1)))
@@ -145,7 +145,7 @@ def test_per_sample_sizes_equal_to_the_batch_size_give_the_same_boxes():
 
 def test_padded_batches_are_prepared_for_evaluation_image_by_image(tmp_path):
     from selfsup.config import load_config
-    from selfsup.train.trainer import build_method
+    from selfsup.core.build import build_method
 
     folder = write_folder(tmp_path / "data", SIZES)
     stream = open_folder_stream(str(folder))
@@ -162,8 +162,8 @@ def test_padded_batches_are_prepared_for_evaluation_image_by_image(tmp_path):
 
 def test_features_of_a_streamed_split_equal_the_memory_path(tmp_path):
     from selfsup.config import load_config
+    from selfsup.core.build import build_method
     from selfsup.evaluate import labeled_features
-    from selfsup.train.trainer import build_method
 
     folder = write_folder(tmp_path / "data", [(16, 16)] * 10)
     common = [f"data.source={folder}", "augment.views.0.size=16", "augment.views.1.size=16", "backbone.width=8",
@@ -375,7 +375,7 @@ def test_trainer_streams_resumes_exactly_and_reports_data_wait(tmp_path):
 
 
 def test_data_wait_share_and_advice():
-    from selfsup.train.trainer import DataWait
+    from selfsup.train.logging import DataWait
 
     wait = DataWait()
     for _ in range(DataWait.WARMUP):

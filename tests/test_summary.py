@@ -7,10 +7,11 @@ import time
 import pytest
 import torch
 
+from selfsup.checkpoint import load_checkpoint
 from selfsup.cli import _print_pretrain_summary, main
 from selfsup.config import load_config
-from selfsup.train.checkpoint import load_checkpoint
-from selfsup.train.trainer import Trainer, build_method
+from selfsup.core.build import build_method
+from selfsup.train.trainer import Trainer
 
 SMALL = ["backbone.width=8", "eval.knn_k=[20]"]  # a narrow encoder and one k: quick to build, train and score
 
@@ -21,7 +22,7 @@ def small_labeled_folder(root):
     from torchvision.io import write_png
 
     from selfsup.data import load_dataset
-    from selfsup.train.trainer import limit_dataset
+    from selfsup.data.loader import limit_dataset
 
     for split, n in (("train", 200), ("test", 100)):
         data = limit_dataset(load_dataset("embedded", split), n)

@@ -11,12 +11,12 @@ from conftest import TINY, resume_matches_straight, train_recipe_two_steps
 
 from selfsup.cli import main
 from selfsup.config import load_config
+from selfsup.core.build import build_method
+from selfsup.core.method import Progress
 from selfsup.errors import ConfigError
+from selfsup.heads import DINOHead
 from selfsup.losses import dino_center_update, dino_loss, sinkhorn_knopp, swav_loss
-from selfsup.methods.base import Progress
-from selfsup.methods.dino import DINOHead
 from selfsup.pretext.multicrop import forward_by_resolution
-from selfsup.train.trainer import build_method
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 # 16-channel ResNet-18, 2 global crops of 16 px and 2 local crops of 8 px, tiny heads

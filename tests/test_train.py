@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from selfsup import checkpoint as ckpt_mod
+from selfsup.checkpoint import load_checkpoint
 from selfsup.cli import main
 from selfsup.config import load_config
 from selfsup.errors import TrainingError
 from selfsup.evaluate import labeled_features, run_knn
-from selfsup.train import checkpoint as ckpt_mod
-from selfsup.train.checkpoint import load_checkpoint
 from selfsup.train.trainer import Trainer
 
 
@@ -211,8 +211,8 @@ def test_narrow_resnet_keeps_torchvision_names_and_zero_init():
 def test_two_view_methods_refuse_other_view_counts(name):
     from pathlib import Path
 
+    from selfsup.core.build import build_method
     from selfsup.errors import ConfigError
-    from selfsup.train.trainer import build_method
 
     recipe = Path(__file__).parents[1] / "configs" / name / "cifar10.yaml"
     one_view = load_config(recipe, ["augment.views=[{size: 32}]"])
@@ -254,7 +254,7 @@ def test_cli_output_paths_and_eval_settings_fail_in_one_line(tmp_path, tiny_over
 
 
 def test_write_text_atomic_replaces_whole_or_leaves_old(tmp_path):
-    from selfsup.train.checkpoint import write_text_atomic
+    from selfsup.checkpoint import write_text_atomic
 
     target = tmp_path / "summary.json"
     write_text_atomic(target, "old")

@@ -289,8 +289,8 @@ VIT_TINY = [*(o for o in TINY if not o.startswith("method.")), "backbone.name=vi
 def test_cli_dino_trains_with_a_vit_and_exports_to_timm(tmp_path):
     import timm
 
+    from selfsup.core.build import build_method
     from selfsup.export import load_encoder
-    from selfsup.train.trainer import build_method
 
     overrides = [*VIT_TINY, "method.name=dino", "method.hidden_dim=32", "method.bottleneck_dim=16",
                  "method.out_dim=32", "augment.n_local=2", "augment.local.size=8",
@@ -309,10 +309,11 @@ def test_cli_dino_trains_with_a_vit_and_exports_to_timm(tmp_path):
 
 
 def test_report_attention_and_finetune_find_the_timm_model(tmp_path):
+    from selfsup.core.build import build_method
     from selfsup.data import load_dataset
+    from selfsup.data.loader import limit_dataset
     from selfsup.eval.finetune import finetune
     from selfsup.report import _vit, cls_attention
-    from selfsup.train.trainer import build_method, limit_dataset
 
     method = build_method(load_config(None, [*VIT_TINY, "backbone.depth=2"])).eval()
     vit = _vit(method)

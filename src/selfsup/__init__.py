@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "create": "selfsup.api", "load": "selfsup.api", "load_config": "selfsup.config", "Config": "selfsup.config",
-    "Trainer": "selfsup.train.trainer", "Method": "selfsup.methods.base", "StepOutput": "selfsup.methods.base",
-    "Progress": "selfsup.methods.base",
+    "Trainer": "selfsup.train.trainer", "Method": "selfsup.core.method", "StepOutput": "selfsup.core.method",
+    "Progress": "selfsup.core.method",
 }
 
 

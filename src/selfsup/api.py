@@ -60,7 +60,7 @@ def create(method: str | Path | Config, backbone: str | None = None, **overrides
     encoder (``"resnet50"``, ``"vit_small"``, ``"timm:convnext_tiny"``); other keyword arguments
     override the config (see ``_overrides``). The full config is ``model.run_config``; pass it to
     :class:`~selfsup.train.trainer.Trainer` to train this recipe."""
-    from selfsup.train.trainer import build_method
+    from selfsup.core.build import build_method
 
     if isinstance(method, Config):
         if backbone is not None or overrides:

@@ -41,10 +41,11 @@ def _print_table(rows: list[tuple[str, str]], title: str | None = None) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfsup.checkpoint import load_checkpoint
     from selfsup.config import load_config
     from selfsup.evaluate import final_knn
-    from selfsup.train.checkpoint import load_checkpoint
-    from selfsup.train.trainer import Trainer, write_summary
+    from selfsup.train.logging import write_summary
+    from selfsup.train.trainer import Trainer
 
     if args.data is not None:
         overrides = [f"data.source={args.data}", *overrides]
@@ -194,10 +195,17 @@ def _check_eval_args(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
+    from selfsup.checkpoint import write_text_atomic
     from selfsup.eval import diagnose, few_shot, format_table
-    from selfsup.evaluate import (checkpoint_tag, eval_device, labeled_features, load_method, run_knn, run_linear,
-                                  same_images)
-    from selfsup.train.checkpoint import write_text_atomic
+    from selfsup.evaluate import (
+        checkpoint_tag,
+        eval_device,
+        labeled_features,
+        load_method,
+        run_knn,
+        run_linear,
+        same_images,
+    )
 
     _check_eval_args(args)
     device, precision = eval_device(args.device)
@@ -246,10 +254,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    from selfsup.checkpoint import write_text_atomic
     from selfsup.eval import format_table
     from selfsup.eval.finetune import finetune
     from selfsup.evaluate import eval_device, load_method, load_split
-    from selfsup.train.checkpoint import write_text_atomic
 
     device, _ = eval_device(args.device)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
@@ -302,20 +310,22 @@ def cmd_methods(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
     """Fit BEiT's k-means tokenizer on a recipe's training data ahead of pretraining."""
     from selfsup.config import load_config
-    from selfsup.data import load_dataset
-    from selfsup.train.trainer import build_method, limit_dataset, resolve_device
+    from selfsup.core.build import build_method
+    from selfsup.core.runtime import resolve_device
+    from selfsup.data.loader import limit_dataset
+    from selfsup.methods.beit import BEiT, tokenizer_images
+    from selfsup.registry import get_modality
 
     if args.data is not None:
         overrides = [f"data.source={args.data}", *overrides]
     cfg = load_config(args.config, overrides)
     method = build_method(cfg)
-    if not hasattr(method, "fit_tokenizer"):
+    if not isinstance(method, BEiT):
         raise SelfSupError(f"method {cfg.method.name!r} has no tokenizer to fit (use a beit recipe)")
-    dataset = load_dataset(cfg.data.source, cfg.data.train_split, root=cfg.data.root,
-                           decode_size=cfg.data.decode_size, download=cfg.data.download)
+    dataset = get_modality("image").open(cfg.data, cfg.data.train_split).dataset  # data.mode's choice
     dataset = limit_dataset(dataset, cfg.data.limit)
     method = method.to(resolve_device(args.device or cfg.trainer.device))
-    stats = method.fit_tokenizer(dataset.images)
+    stats = method.fit_tokenizer(tokenizer_images(dataset))
     path = method.tokenizer.save(args.out)
     _print_table([("codes", f"{stats['codes_used']} of {stats['codes']} used"), ("patches", str(stats["patches"])),
                   ("quantization MSE", f"{stats['quantization_mse']:.4f}"), ("time", f"{stats['seconds']:.1f} s"),
@@ -329,8 +339,8 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     """Write an image folder as WebDataset shards with an index (data.mode=shards reads them)."""
+    from selfsup.checkpoint import human_bytes
     from selfsup.data.shards import DEFAULT_SHARD_BYTES, write_shards
-    from selfsup.train.checkpoint import human_bytes
 
     if overrides:
         raise SelfSupError(f"selfsup data shard takes no overrides: {' '.join(overrides)}")
@@ -351,8 +361,13 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_cache(args: argparse.Namespace, overrides: list[str]) -> int:
     """Show or empty the decoded-image cache (decoded folders and resized torchvision datasets)."""
-    from selfsup.data.cache import CACHE_ENV_VAR, cache_entries, clean_cache, default_cache_dir
-    from selfsup.train.checkpoint import human_bytes
+    from selfsup.checkpoint import human_bytes
+    from selfsup.data.cache import (
+        CACHE_ENV_VAR,
+        cache_entries,
+        clean_cache,
+        default_cache_dir,
+    )
 
     directory = Path(args.dir).expanduser() if args.dir else default_cache_dir()
     if args.action == "clean":

@@ -266,9 +266,13 @@ class Config:
 
     def _check_modalities(self) -> None:
         """The method must accept the modality of its encoder and of its data (when the source's
-        modality can be told without reading it): one line each (see selfsup.modalities)."""
-        from selfsup.modalities import check_source, describe
-        from selfsup.registry import backbone_modality, get_method
+        modality can be told without reading it): one line each (see selfsup.registry)."""
+        from selfsup.registry import (
+            backbone_modality,
+            check_source,
+            describe,
+            get_method,
+        )
 
         method = get_method(self.method.name)
         encoder = backbone_modality(self.backbone.name)
@@ -280,7 +284,9 @@ class Config:
     def _check_local_crops(self) -> None:
         """Local crops only for methods that declare ``uses_local_crops`` (SwAV, DINO, DINOv2); the
         others would take the extra views and fail in their first step, or silently ignore them."""
-        from selfsup.registry import get_method  # registry -> methods -> config: import when used
+        from selfsup.registry import (
+            get_method,  # registry -> methods -> config: import when used
+        )
 
         if self.augment.n_local and not get_method(self.method.name).uses_local_crops:
             raise ConfigError(f"{self.method.name} does not use local crops; "
@@ -528,6 +534,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     """Write ``cfg`` as YAML atomically: a full disk leaves the old file (or none), never an empty one."""
-    from selfsup.train.checkpoint import write_text_atomic
+    from selfsup.checkpoint import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -10,12 +10,19 @@ from pathlib import Path
 
 import torch
 
+from selfsup.checkpoint import load_checkpoint, load_weights, remove_stale_temp_files
 from selfsup.config import Config, load_config
+from selfsup.core.build import build_method
+from selfsup.core.method import Method
+from selfsup.core.runtime import resolve_device, resolve_precision
 from selfsup.errors import DataError
-from selfsup.eval import FeatureCache, extract_features, knn_classify, linear_probe, make_key
-from selfsup.methods.base import Method
-from selfsup.train.checkpoint import load_checkpoint, load_weights, remove_stale_temp_files
-from selfsup.train.trainer import build_method, resolve_device, resolve_precision
+from selfsup.eval import (
+    FeatureCache,
+    extract_features,
+    knn_classify,
+    linear_probe,
+    make_key,
+)
 
 
 def load_method(checkpoint: str | Path, device: torch.device | str = "cpu",

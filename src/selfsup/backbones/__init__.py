@@ -29,6 +29,16 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Features before pooling, in timm's sense: a convnet's last feature map (B, C, h, w); a
+        token model's normed tokens (B, T, D) (``ViT`` overrides this). Probes and masked
+        methods read these."""
+        if self.family == "timm":
+            return self.model.forward_features(x)
+        m = self.model  # torchvision ResNet: the stem and the four stages, without the pooling
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights named as the source library names them (no ``model.`` prefix)."""
         return {k: v.detach().clone().contiguous() for k, v in self.model.state_dict().items()}

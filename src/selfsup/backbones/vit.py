@@ -270,6 +270,10 @@ class ViT(Backbone):
     def forward(self, x: Tensor) -> Tensor:
         return self.pool_tokens(self.tokens(x))
 
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Per-token features ``(B, 1 + N, D)``, CLS first, after the final norm (timm's sense)."""
+        return self.tokens(x)
+
 
 def _build_vit(size: str, cfg: BackboneConfig) -> ViT:
     dim, depth, heads = VIT_SIZES[size]

@@ -262,6 +262,15 @@ class StreamLoader(BatchLoader):
         self._loader = None  # the DataLoader's iterator shuts its workers down when it is freed
 
 
+def limit_dataset(dataset, limit: int | None, seed: int = 0):
+    """A fixed random subset of ``limit`` samples (smoke runs and tests; the embedded set is
+    stored class by class, so its first N samples would all be airplanes)."""
+    if limit is None or limit >= len(dataset):
+        return dataset
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return dataset.subset(keep, name=f"{dataset.name}[{limit} of {len(dataset)}]")
+
+
 def make_loader(dataset: ImageArrayDataset | ImageStream, batch_size: int, *, workers: int | None = None,
                 **kwargs: Any) -> BatchLoader:
     """The loader a source needs: StreamLoader for a streamed folder or shards, BatchLoader for data in memory.

@@ -28,7 +28,12 @@ from selfsup.data.datasets import (
     max_image_pixels,
 )
 from selfsup.data.shards import open_shards, shard_split_dir
-from selfsup.data.sources import DEFAULT_MAX_SIDE, FolderStream, ImageStream, open_folder_stream
+from selfsup.data.sources import (
+    DEFAULT_MAX_SIDE,
+    FolderStream,
+    ImageStream,
+    open_folder_stream,
+)
 from selfsup.errors import ConfigError
 
 MODES = ("auto", "memory", "stream", "shards")

@@ -101,7 +101,7 @@ def _to_dict(item: Any, batched: bool) -> dict[str, torch.Tensor]:
 
 
 def _check_modality(method: Any, example: Mapping[str, Any]) -> None:
-    from selfsup.modalities import check_batch
+    from selfsup.registry import check_batch
 
     check_batch(method.name, method.modalities, example)
 

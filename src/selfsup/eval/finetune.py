@@ -277,8 +277,8 @@ def finetune(
         "recipe" (the resolved hyperparameters)}`` (+ ``"backbone"``, ``"head"``).
     """
     from selfsup.data import BatchLoader
+    from selfsup.nn.schedules import cosine_schedule
     from selfsup.pretext.augment import Augment, AugmentConfig
-    from selfsup.train.schedules import cosine_schedule
 
     for name, ds in (("train", train_dataset), ("test", test_dataset)):
         if not getattr(ds, "has_labels", False):

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import barlow_twins_terms, cross_correlation
-from selfsup.methods.base import MethodConfig, StepOutput
 from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 

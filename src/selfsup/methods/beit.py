@@ -53,12 +53,16 @@ import torch
 from torch import nn
 
 from selfsup import dist
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError, TrainingError
 from selfsup.losses import beit_loss
-from selfsup.methods.base import MethodConfig, StepOutput
 from selfsup.modalities.image import ImageMethod
 from selfsup.pretext.masking import block_masking
-from selfsup.pretext.tokenizer import PatchKMeansTokenizer, load_tokenizer_file, sample_patch_features
+from selfsup.pretext.tokenizer import (
+    PatchKMeansTokenizer,
+    load_tokenizer_file,
+    sample_patch_features,
+)
 from selfsup.registry import register_method
 
 
@@ -134,10 +138,11 @@ class BEiT(ImageMethod):
             self.tokenizer.load_codebook(obj)
 
     @torch.no_grad()
-    def fit_tokenizer(self, images: torch.Tensor) -> dict[str, Any]:
+    def fit_tokenizer(self, images: Any) -> dict[str, Any]:
         """Fit the k-means codebook on patches of ``images`` (uint8 (N, C, H, W), e.g. the
-        training set's ``dataset.images``), each augmented once by the training view; returns
-        the fit's statistics (codes used, quantization error, patches, seconds)."""
+        training set's ``dataset.images``, or a streamed source: see ``sample_patch_features``),
+        each augmented once by the training view; returns the fit's statistics (codes used,
+        quantization error, patches, seconds)."""
         import time
 
         t0 = time.perf_counter()
@@ -146,7 +151,7 @@ class BEiT(ImageMethod):
         feats = sample_patch_features(images, self.views[0], self.tokenizer.patch_size, c.tokenizer_patches,
                                       eps=c.tokenizer_eps, device=device, seed=c.tokenizer_seed)
         if feats.shape[0] < c.vocab_size:
-            raise ConfigError(f"beit: {images.shape[0]} images give {feats.shape[0]} patches, too few to fit "
+            raise ConfigError(f"beit: {len(images)} images give {feats.shape[0]} patches, too few to fit "
                               f"method.vocab_size={c.vocab_size} codes; lower the vocabulary or add data")
         stats = self.tokenizer.fit(feats, iters=c.tokenizer_iters, batch_size=c.tokenizer_batch, seed=c.tokenizer_seed)
         return {**stats, "seconds": time.perf_counter() - t0}
@@ -163,11 +168,7 @@ class BEiT(ImageMethod):
         if dist.is_main():
             print(f"beit: fitting the k-means tokenizer ({self.cfg.vocab_size} codes) on up to "
                   f"{self.cfg.tokenizer_patches} patches of the training crops", file=sys.stderr)
-        images = getattr(dataset, "images", None)  # a streamed folder holds no decoded images
-        if images is None:
-            raise ConfigError("beit fits its tokenizer on the training images held in memory; with data.mode=stream "
-                              "fit one ahead (selfsup tokenizer fit) and set method.tokenizer_path")
-        stats = self.fit_tokenizer(images)
+        stats = self.fit_tokenizer(tokenizer_images(dataset))
         if dist.is_main():
             print(f"beit: tokenizer ready in {stats['seconds']:.1f} s ({stats['patches']} patches), "
                   f"{stats['codes_used']} of {stats['codes']} codes used, quantization MSE "
@@ -218,3 +219,11 @@ class BEiT(ImageMethod):
             acc = (logits.argmax(dim=-1) == labels).float().mean()
             pooled = self.backbone.pool_tokens(tokens).detach()
         return StepOutput(loss=loss, metrics={"beit/mlm_acc": acc}, embeddings=pooled)
+
+
+def tokenizer_images(dataset: Any) -> Any:
+    """What ``fit_tokenizer`` reads from a training source: the decoded tensor of data held in
+    memory, else the source itself (a streamed folder, shards, a Python Dataset), read sample by sample."""
+    from selfsup.data.datasets import ImageArrayDataset
+
+    return dataset.images if isinstance(dataset, ImageArrayDataset) else dataset

@@ -41,14 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import byol_loss
-from selfsup.methods.base import MethodConfig, Progress, StepOutput
 from selfsup.modalities.image import ImageMethod
+from selfsup.nn.schedules import momentum_schedule
+from selfsup.nn.teacher import ema_update, make_teacher
 from selfsup.registry import register_method
-from selfsup.train.ema import ema_update, make_teacher
-from selfsup.train.schedules import momentum_schedule
 
 
 @dataclass

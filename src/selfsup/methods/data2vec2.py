@@ -53,20 +53,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import data2vec_loss, data2vec_targets
-from selfsup.methods.base import MethodConfig, Progress, StepOutput
 from selfsup.modalities.image import ImageMethod
+from selfsup.nn.teacher import annealed_decay, ema_update, make_teacher
 from selfsup.registry import register_method
-from selfsup.train.ema import ema_update, make_teacher
-
-
-def annealed_decay(step: int, start: float, end: float, anneal_end_step: int) -> float:
-    """Official ``get_annealed_rate``: linear from ``start`` (step 0) to ``end`` at
-    ``anneal_end_step``, then ``end``."""
-    if step >= anneal_end_step:
-        return end
-    return end - (end - start) * (1.0 - step / anneal_end_step)
 
 
 class ConvDecoder2d(nn.Module):
@@ -175,10 +167,7 @@ class Data2Vec2(ImageMethod):
         backbone.mask_token.requires_grad_(False)
         self.decoder = ConvDecoder2d(dim, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_kernel,
                                      cfg.decoder_groups, cfg.decoder_residual)
-        self.teacher = make_teacher(self.backbone)
-        for m in self.teacher.modules():  # the official teacher runs in eval mode: no stochastic depth
-            if hasattr(m, "drop_prob"):
-                m.drop_prob = 0.0
+        self.teacher = make_teacher(self.backbone, no_drop_path=True)  # the official teacher runs in eval mode
         self.register_buffer("ema_decay_now", torch.tensor(float(cfg.ema_decay), dtype=torch.float64))
 
     @torch.no_grad()

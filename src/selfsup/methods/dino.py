@@ -40,7 +40,7 @@ with the teacher outputs of ``forward``, as the official loss module does, but s
 accumulation each micro-batch's update is applied in order, every micro-batch's loss using the
 centre of the previous step.
 Freezing the last layer zeroes its gradients in a hook and restores its values after the step
-(see ``swav.ParamFreezer``); the official code drops the gradients after clipping, so there its
+(see ``selfsup.nn.teacher.ParamFreezer``); the official code drops the gradients after clipping, so there its
 gradient still counts in the clipping norm. ``metrics["monitor/student_teacher_cos"]`` is the
 mean cosine between student and teacher outputs for the same global crop;
 ``metrics["monitor/uniformity"]`` is the student's prediction entropy over ln K, which the collapse
@@ -56,51 +56,27 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import weight_norm
 
+from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
-from selfsup.losses import dino_center_update, dino_loss
-from selfsup.methods.base import Method, MethodConfig, Progress, StepOutput
+from selfsup.heads import DINOHead
+from selfsup.losses import dino_loss
 from selfsup.modalities.image import ImageMethod
-from selfsup.methods.swav import ParamFreezer, TrainingClock, multicrop_sizes
-from selfsup.pretext.multicrop import allow_any_input_size, forward_by_resolution
+from selfsup.nn.metrics import prediction_uniformity
+from selfsup.nn.schedules import momentum_schedule
+from selfsup.nn.teacher import (
+    ParamFreezer,
+    TrainingClock,
+    defer_center,
+    make_teacher,
+    teacher_step,
+)
+from selfsup.pretext.multicrop import (
+    allow_any_input_size,
+    forward_by_resolution,
+    multicrop_sizes,
+)
 from selfsup.registry import register_method
-from selfsup.train.ema import ema_update, make_teacher
-from selfsup.train.monitor import prediction_uniformity
-from selfsup.train.schedules import momentum_schedule
-
-
-class DINOHead(nn.Module):
-    """MLP -> L2-normalize -> weight-normalized linear (Caron et al. 2021, appendix / official
-    ``DINOHead``). ``num_layers`` counts the MLP's linear layers (3: in -> hidden -> hidden ->
-    bottleneck); with ``norm_last_layer`` the last layer's weight norm g is fixed at 1, so its
-    rows are unit vectors and the output is a vector of cosines."""
-
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        dim = in_dim
-        for _ in range(max(num_layers, 1) - 1):
-            layers.append(nn.Linear(dim, hidden_dim))
-            if use_bn:
-                layers.append(nn.BatchNorm1d(hidden_dim))
-            layers.append(nn.GELU())
-            dim = hidden_dim
-        layers.append(nn.Linear(dim, bottleneck_dim))
-        self.mlp = nn.Sequential(*layers)
-        for m in self.mlp.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        self.last_layer = weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-        g = self.last_layer.parametrizations.weight.original0  # (out_dim, 1) row norms
-        with torch.no_grad():
-            g.fill_(1.0)
-        g.requires_grad_(not norm_last_layer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
 
 
 @dataclass
@@ -142,6 +118,7 @@ class DINO(ImageMethod):
     family = "distillation"
     Config = DINOConfig
     uses_local_crops = True  # multi-crop: trains on the augment.n_local small crops too
+    figures = ("prototypes",)  # selfsup report: prototype usage (prototype_scores)
 
     def __init__(self, cfg: DINOConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -152,11 +129,8 @@ class DINO(ImageMethod):
             allow_any_input_size(backbone)  # ViTs: local crops are smaller than img_size
         self.head = DINOHead(backbone.out_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,
                              cfg.use_bn_in_head, cfg.norm_last_layer)
-        self.teacher_backbone = make_teacher(self.backbone)
+        self.teacher_backbone = make_teacher(self.backbone, no_drop_path=True)  # as the official teacher
         self.teacher_head = make_teacher(self.head)
-        for m in self.teacher_backbone.modules():  # the official teacher has no stochastic depth
-            if hasattr(m, "drop_prob"):
-                m.drop_prob = 0.0
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         self.clock = TrainingClock()
         # after make_teacher: parameter hooks must stay on the student
@@ -201,25 +175,11 @@ class DINO(ImageMethod):
         return [(self.teacher_backbone, self.backbone), (self.teacher_head, self.head)]
 
     @torch.no_grad()
+    def prototype_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """The teacher head's outputs (N, out_dim): scores against its last layer's prototypes."""
+        return self.teacher_head(feats)
+
+    @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
+        super().on_step_end(progress)  # the deferred centre updates
         teacher_step(self, progress, self.teacher_pairs())
-
-
-def teacher_step(method, progress: Progress, pairs: list[tuple[nn.Module, nn.Module]]) -> None:
-    """After each optimizer step of DINO and DINOv2: release the last layer once its frozen steps
-    are over, move every teacher towards its student with the momentum of this step, then advance
-    the clock that the temperature and centre schedules read."""
-    Method.on_step_end(method, progress)  # the deferred centre updates
-    method.freezer.after_step()
-    m = method.momentum(progress)
-    for teacher, student in pairs:
-        ema_update(teacher, student, m)
-    method.clock.tick(progress)
-
-
-def defer_center(method: Method, center: torch.Tensor, teacher, momentum: float) -> None:
-    """Move ``center`` towards the teacher's global-batch mean after the step (DINO eq. 4,
-    c <- m c + (1 - m) mean). The mean is reduced across ranks here, in ``forward``, where every
-    rank runs the same collectives; the buffer changes only in ``on_step_end``, for a kept step."""
-    batch_mean = dino_center_update(torch.zeros_like(center), teacher, momentum=0.0).float()
-    method.defer(lambda: center.copy_((center.float() * momentum + batch_mean * (1.0 - momentum)).to(center.dtype)))

@@ -64,19 +64,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
-from selfsup.losses import (dino_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp_teacher,
-                            swav_loss)
-from selfsup.methods.base import MethodConfig, Progress, StepOutput
+from selfsup.heads import DINOHead
+from selfsup.losses import (
+    dino_loss,
+    ibot_patch_loss,
+    koleo_loss,
+    sinkhorn_knopp_teacher,
+    swav_loss,
+)
 from selfsup.modalities.image import ImageMethod
-from selfsup.methods.dino import DINOHead, defer_center, teacher_step
-from selfsup.methods.swav import ParamFreezer, TrainingClock
+from selfsup.nn.metrics import prediction_uniformity
+from selfsup.nn.schedules import momentum_schedule
+from selfsup.nn.teacher import (
+    ParamFreezer,
+    TrainingClock,
+    defer_center,
+    make_teacher,
+    teacher_step,
+)
 from selfsup.pretext.masking import block_masking
 from selfsup.pretext.multicrop import forward_by_resolution
 from selfsup.registry import register_method
-from selfsup.train.ema import make_teacher
-from selfsup.train.monitor import prediction_uniformity
-from selfsup.train.schedules import momentum_schedule
 
 
 def ibot_masks(batch: int, grid: tuple[int, int], ratio_min_max: tuple[float, float] = (0.1, 0.5),
@@ -188,6 +198,7 @@ class DINOv2(ImageMethod):
     family = "distillation"
     Config = DINOv2Config
     uses_local_crops = True  # multi-crop: trains on the augment.n_local small crops too
+    figures = ("prototypes",)  # selfsup report: prototype usage (prototype_scores)
 
     def __init__(self, cfg: DINOv2Config, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -216,12 +227,9 @@ class DINOv2(ImageMethod):
                              False, cfg.norm_last_layer)
         self.ibot_head = DINOHead(backbone.out_dim, cfg.ibot_out_dim, cfg.ibot_hidden_dim, cfg.ibot_bottleneck_dim,
                                   cfg.ibot_head_layers, False, cfg.norm_last_layer) if cfg.ibot_separate_head else None
-        self.teacher_backbone = make_teacher(self.backbone)
+        self.teacher_backbone = make_teacher(self.backbone, no_drop_path=True)  # as the official teacher
         self.teacher_head = make_teacher(self.head)
         self.teacher_ibot_head = make_teacher(self.ibot_head) if self.ibot_head is not None else None
-        for m in self.teacher_backbone.modules():  # the official teacher has no stochastic depth
-            if hasattr(m, "drop_prob"):
-                m.drop_prob = 0.0
         ibot_dim = cfg.ibot_out_dim if cfg.ibot_separate_head else cfg.out_dim
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # used with centering="centering"
         self.register_buffer("ibot_center", torch.zeros(1, ibot_dim))
@@ -335,5 +343,12 @@ class DINOv2(ImageMethod):
         return pairs
 
     @torch.no_grad()
+    def prototype_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """The teacher's image-level (DINO) head outputs (N, out_dim): scores against its last
+        layer's prototypes."""
+        return self.teacher_head(feats)
+
+    @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
+        super().on_step_end(progress)  # the deferred centre updates
         teacher_step(self, progress, self.teacher_pairs())

@@ -66,13 +66,13 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from selfsup.backbones.vit import sincos_2d_pos_embed
+from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import ijepa_loss
-from selfsup.methods.base import MethodConfig, Progress, StepOutput
 from selfsup.modalities.image import ImageMethod
+from selfsup.nn.teacher import ema_update, linear_momentum, make_teacher
 from selfsup.pretext.masking import multiblock_masking
 from selfsup.registry import register_method
-from selfsup.train.ema import ema_update, make_teacher
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -93,15 +93,6 @@ def official_init_(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def linear_momentum(step: int, total_steps: float, start: float = 0.996, end: float = 1.0) -> float:
-    """I-JEPA's EMA momentum for update ``step`` (0-based): start + step (end - start) / total,
-    the official generator's i-th value; held at ``end`` past the last step."""
-    if total_steps <= 0:
-        return end
-    m = start + step * (end - start) / total_steps
-    return min(m, end) if end >= start else max(m, end)
 
 
 class JEPAPredictor(nn.Module):
@@ -210,10 +201,7 @@ class IJEPA(ImageMethod):
         official_init_(backbone.model)  # instead of the ViT's MAE init; CLS token and positions kept
         self.predictor = JEPAPredictor(self.grid, backbone.out_dim, cfg.pred_dim, cfg.pred_depth, heads,
                                        cfg.pred_mlp_ratio, cfg.pred_drop_path)
-        self.target_backbone = make_teacher(self.backbone)
-        for m in self.target_backbone.modules():  # no stochastic depth in the target encoder
-            if hasattr(m, "drop_prob"):
-                m.drop_prob = 0.0
+        self.target_backbone = make_teacher(self.backbone, no_drop_path=True)  # no stochastic depth in the target
 
     def masks(self, batch: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         c = self.cfg

@@ -60,11 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
-from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.losses import classification_loss
 from selfsup.modalities.image import ImageMethod
-from selfsup.methods.rotation import classification_loss
 from selfsup.pretext.permutations import (
     CRITERIA,
     assemble_tiles,

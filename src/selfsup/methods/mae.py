@@ -51,10 +51,10 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from selfsup.backbones.vit import sincos_2d_pos_embed
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import mae_loss
 from selfsup.losses.reconstruction import patch_stats
-from selfsup.methods.base import MethodConfig, StepOutput
 from selfsup.modalities.image import ImageMethod
 from selfsup.pretext.masking import random_masking
 from selfsup.registry import register_method
@@ -129,6 +129,7 @@ class MAE(ImageMethod):
     family = "masked"
     Config = MAEConfig
     single_view = True
+    figures = ("reconstruction",)  # selfsup report: originals, masked inputs, reconstructions
 
     def __init__(self, cfg: MAEConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)

@@ -42,13 +42,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup import dist
+from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import moco_info_nce
-from selfsup.methods.base import MethodConfig, Progress, StepOutput
 from selfsup.modalities.image import ImageMethod
+from selfsup.nn.teacher import ema_update, make_teacher
 from selfsup.registry import register_method
-from selfsup.train.ema import ema_update, make_teacher
 
 
 @dataclass

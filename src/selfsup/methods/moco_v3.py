@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import moco_v3_loss
-from selfsup.methods.base import MethodConfig, Progress, StepOutput
 from selfsup.modalities.image import ImageMethod
+from selfsup.nn.teacher import EMA, make_teacher
 from selfsup.registry import register_method
-from selfsup.train.ema import EMA, make_teacher
 
 
 @dataclass

@@ -29,11 +29,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
-from selfsup.methods.base import MethodConfig, StepOutput
+from selfsup.losses import classification_loss
 from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 
@@ -59,13 +59,6 @@ def rotate_batch(x: torch.Tensor, all_rotations: bool = True,
     labels = torch.randint(0, N_ROTATIONS, (n,), generator=generator, device=x.device)
     stacked = torch.stack(rotated)  # (4, N, C, S, S): pick rotation labels[i] for image i
     return stacked[labels, torch.arange(n, device=x.device)], labels
-
-
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy -log softmax(logits)[label] and the top-1 accuracy (detached)."""
-    loss = F.cross_entropy(logits.float(), labels)
-    acc = (logits.detach().argmax(dim=1) == labels).float().mean()
-    return loss, acc
 
 
 @dataclass

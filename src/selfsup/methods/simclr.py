@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import ProjectionHead
 from selfsup.losses import nt_xent
-from selfsup.methods.base import MethodConfig, StepOutput
 from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 

@@ -35,10 +35,10 @@ from typing import ClassVar
 
 import torch
 
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import simsiam_loss
-from selfsup.methods.base import MethodConfig, StepOutput
 from selfsup.modalities.image import ImageMethod
 from selfsup.registry import register_method
 

@@ -41,7 +41,6 @@ gradient accumulation every micro-batch therefore sees the queue of the previous
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -49,87 +48,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfsup import dist
+from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import sinkhorn_knopp, swav_loss
 from selfsup.losses._precision import autocast_off
-from selfsup.methods.base import MethodConfig, Progress, StepOutput
 from selfsup.modalities.image import ImageMethod
-from selfsup.pretext.multicrop import allow_any_input_size, forward_by_resolution
+from selfsup.nn.metrics import prediction_uniformity
+from selfsup.nn.teacher import ParamFreezer, TrainingClock
+from selfsup.pretext.multicrop import (
+    allow_any_input_size,
+    forward_by_resolution,
+    multicrop_sizes,
+)
 from selfsup.registry import register_method
-from selfsup.train.monitor import prediction_uniformity
-
-
-class TrainingClock(nn.Module):
-    """Where training stands, readable inside ``forward``.
-
-    The trainer reports progress only after each optimizer step (``on_step_end``), while SwAV's
-    prototype freezing and queue start and DINO's teacher temperature and last-layer freezing
-    depend on the epoch of the step being computed. The clock keeps the last report and saves it
-    as a buffer, so a resumed run knows its epoch before its first step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("state", torch.zeros(2, dtype=torch.long))  # steps done, steps per epoch
-        self.step, self.steps_per_epoch = 0, 0
-        self.register_load_state_dict_post_hook(lambda module, keys: module._sync())
-
-    def _sync(self) -> None:
-        self.step, self.steps_per_epoch = (int(v) for v in self.state.tolist())
-
-    def tick(self, progress: Progress) -> None:
-        self.step, self.steps_per_epoch = progress.step, progress.steps_per_epoch
-        self.state[0], self.state[1] = progress.step, progress.steps_per_epoch  # no host sync
-
-    @property
-    def epoch(self) -> int:
-        """0-based epoch of the next step (0 before the first report)."""
-        return self.step // self.steps_per_epoch if self.steps_per_epoch else 0
-
-    def within(self, epochs: float) -> bool:
-        """Whether the next step falls in the first ``epochs`` epochs (fractions allowed)."""
-        if epochs <= 0:
-            return False
-        return not self.steps_per_epoch or self.step < epochs * self.steps_per_epoch
-
-
-class ParamFreezer:
-    """Keeps ``params`` fixed while ``active()``: a hook zeroes their gradients (so DDP all-reduces
-    zeros, gradient clipping ignores them and adaptive optimizers keep zero moments), and the
-    values saved by ``before_step`` are written back by ``after_step``, undoing what weight
-    decay or momentum did. Register it after any deep copy of the module (hooks are not copied)."""
-
-    def __init__(self, params: Iterable[nn.Parameter], active: Callable[[], bool]) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        self.active = active
-        self._saved: list[torch.Tensor] | None = None
-        for p in self.params:
-            p.register_hook(self._hook)
-
-    def _hook(self, grad: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(grad) if self.active() else grad
-
-    @torch.no_grad()
-    def before_step(self) -> None:
-        if self.active() and self._saved is None:
-            self._saved = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def after_step(self) -> bool:
-        """Write the saved values back; True when the parameters were frozen in this step."""
-        if self._saved is None:
-            return False
-        for p, saved in zip(self.params, self._saved):
-            p.copy_(saved)
-        self._saved = None
-        return True
-
-
-def multicrop_sizes(augment) -> set[int]:
-    sizes = {v.size for v in augment.views}
-    if augment.n_local and augment.local is not None:
-        sizes.add(augment.local.size)
-    return sizes
 
 
 @dataclass
@@ -165,6 +97,7 @@ class SwAV(ImageMethod):
     family = "clustering"
     Config = SwAVConfig
     uses_local_crops = True  # multi-crop: trains on the augment.n_local small crops too
+    figures = ("prototypes",)  # selfsup report: prototype usage (prototype_scores)
 
     def __init__(self, cfg: SwAVConfig, backbone, augment) -> None:
         super().__init__(cfg, backbone, augment)
@@ -227,6 +160,12 @@ class SwAV(ImageMethod):
         q = torch.where(full, with_queue, sinkhorn_knopp(scores, eps, iters))
         self.defer(lambda: push_front(queue, z_all))  # after the update, only if the step is kept
         return q
+
+    @torch.no_grad()
+    def prototype_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """Cosines of the projected backbone features with the prototypes: (N, n_prototypes)."""
+        z = F.normalize(self.projector(feats).float(), dim=1)
+        return z @ F.normalize(self.prototypes.weight.float(), dim=1).t()
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:

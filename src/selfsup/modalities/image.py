@@ -16,10 +16,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from selfsup.core.method import Method
 from selfsup.errors import ConfigError
-from selfsup.methods.base import Method
-from selfsup.modalities import Modality, check_batch, register_modality
 from selfsup.pretext.augment import Augment, eval_transform
+from selfsup.registry import Modality, check_batch, register_modality
 
 BATCH_KEY = "images"
 

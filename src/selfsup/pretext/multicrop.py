@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["forward_by_resolution", "allow_any_input_size"]
+__all__ = ["allow_any_input_size", "forward_by_resolution", "multicrop_sizes"]
 
 
 def forward_by_resolution(fn: Callable[[torch.Tensor], torch.Tensor],
@@ -61,3 +61,11 @@ def allow_any_input_size(backbone: nn.Module) -> bool:
     patch.flatten = False
     patch.output_fmt = Format.NHWC
     return True
+
+
+def multicrop_sizes(augment) -> set[int]:
+    """The crop sides a multi-crop config makes: every global view's and the local crops'."""
+    sizes = {v.size for v in augment.views}
+    if augment.n_local and augment.local is not None:
+        sizes.add(augment.local.size)
+    return sizes

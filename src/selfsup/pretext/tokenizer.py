@@ -140,26 +140,48 @@ def minibatch_kmeans(x: Tensor, k: int, *, iters: int = 300, batch_size: int = 1
 
 
 @torch.no_grad()
-def sample_patch_features(images: Tensor, view: nn.Module, patch_size: int, n_patches: int, *, eps: float = 0.01,
+def sample_patch_features(images: Any, view: nn.Module, patch_size: int, n_patches: int, *, eps: float = 0.01,
                           device: torch.device | str = "cpu", seed: int = 0, chunk: int = 256) -> Tensor:
     """Per-patch-normalized features of about ``n_patches`` patches for fitting a codebook:
-    random images of ``images`` (uint8 (N, C, H, W), e.g. ``dataset.images``), each augmented
-    once by ``view`` (the training view, so the codebook sees the distribution it will tokenize),
-    all patches of each. Deterministic given ``seed``. Returns (M, p*p*C) float32 on ``device``."""
+    random images of ``images``, each augmented once by ``view`` (the training view, so the
+    codebook sees the distribution it will tokenize), all patches of each. ``images`` is uint8
+    (N, C, H, W) (``dataset.images`` of data held in memory) or a streamed source (a sized
+    sequence of samples with uint8 ``images`` (C, h, w) at their own sizes: a folder or shards),
+    whose images are read only as far as the patches need, each cropped inside its own size.
+    Deterministic given ``seed``. Returns (M, p*p*C) float32 on ``device``."""
     device = torch.device(device)
     cpu_gen = torch.Generator().manual_seed(seed)
     dev_gen = torch.Generator(device=device).manual_seed(seed)
-    order = torch.randperm(images.shape[0], generator=cpu_gen)
+    order = torch.randperm(len(images), generator=cpu_gen)
     feats: list[Tensor] = []
     total = 0
     for start in range(0, len(order), chunk):
-        x = view(images[order[start : start + chunk]].to(device), generator=dev_gen)
+        if isinstance(images, Tensor):
+            x = view(images[order[start : start + chunk]].to(device), generator=dev_gen)
+        else:
+            batch, sizes = _padded([images[int(i)] for i in order[start : start + chunk]])
+            if batch is None:
+                continue
+            x = view(batch.to(device), generator=dev_gen, image_sizes=sizes.to(device))
         f = patch_features(x, patch_size, eps)
         feats.append(f.reshape(-1, f.shape[-1]))
         total += feats[-1].shape[0]
         if total >= n_patches:
             break
     return torch.cat(feats)[:n_patches]
+
+
+def _padded(samples: list[dict[str, Any]]) -> tuple[Tensor | None, Tensor]:
+    """The samples' images on one zero canvas (top-left) and their (h, w); samples a source could
+    not fill (``unusable``) are left out."""
+    images = [s["images"] for s in samples if "images" in s]
+    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.int64).reshape(-1, 2)
+    if not images:
+        return None, sizes
+    canvas = torch.zeros((len(images), images[0].shape[0], *sizes.max(dim=0).values.tolist()), dtype=torch.uint8)
+    for slot, image in zip(canvas, images):
+        slot[:, : image.shape[1], : image.shape[2]] = image
+    return canvas, sizes
 
 
 class PatchKMeansTokenizer(nn.Module):

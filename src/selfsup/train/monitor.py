@@ -33,16 +33,6 @@ def effective_rank(z: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def prediction_uniformity(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Mean entropy of ``softmax(logits / temperature)`` over the rows of ``logits`` (n, K), divided
-    by ln K: 1.0 when every prediction is uniform, 0.0 when every one is a single prototype.
-    A detached float32 scalar (K >= 2)."""
-    with torch.no_grad():
-        logp = F.log_softmax(logits.detach().float() / temperature, dim=-1)
-        entropy = -(logp.exp() * logp).sum(dim=-1).mean()
-        return entropy / math.log(logits.shape[-1])
-
-
 class CollapseMonitor:
     def __init__(self, every: int = 50) -> None:
         self.every = every

@@ -1,4 +1,8 @@
-"""The training loop: device, precision, distributed, schedules, checkpoints, logs.
+"""The training loop: the data it trains on, the step, schedules, checkpoints and resume.
+
+Around it: ``selfsup.core.runtime`` (device, precision, seeds, the process group),
+``train/runtime.py`` (the run folder, the stop flag), ``train/logging.py`` (metrics log,
+progress bar, data wait, summary).
 
 Distributed runs use plain ``torch.distributed`` + DDP, started by ``torchrun`` (we read its
 RANK / WORLD_SIZE / LOCAL_RANK variables). We chose it over Lightning Fabric because the loop
@@ -12,127 +16,42 @@ The trainer never knows which method it runs: it calls ``method(batch) -> StepOu
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
-import json
 import logging
-import math
-import os
-import platform
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel
 
-from selfsup import __version__, dist
+from selfsup import dist
+from selfsup.checkpoint import load_weights, remove_stale_temp_files, save_atomic
 from selfsup.config import Config, dump_config
+from selfsup.core.build import build_method
+from selfsup.core.method import Progress
+from selfsup.core.runtime import (
+    init_distributed,
+    resolve_device,
+    resolve_precision,
+    step_seed,
+    versions,
+)
+from selfsup.data.loader import limit_dataset
 from selfsup.errors import ConfigError, TrainingError
-from selfsup.methods.base import Method, Progress
-from selfsup.train.checkpoint import (explain_disk_full, load_weights, remove_stale_temp_files, save_atomic,
-                                      write_text_atomic)
+from selfsup.nn.schedules import cosine_schedule
+from selfsup.train.logging import DataWait, MetricLog, peak_memory_mib, progress_bar
 from selfsup.train.monitor import CollapseMonitor
 from selfsup.train.optim import build_optimizer
-from selfsup.train.schedules import cosine_schedule
+from selfsup.train.runtime import StopFlag, make_run_dir, refuse_held_run_dir
 
 log = logging.getLogger("selfsup")
 
 
 # --------------------------------------------------------------------------------------
-# environment
-
-
-def init_distributed(device_pref: str) -> None:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA); no-op otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or tdist.is_initialized():
-        return
-    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    tdist.init_process_group(backend="nccl" if use_cuda else "gloo")
-
-
-def resolve_device(pref: str) -> torch.device:
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"trainer.device={pref!r} but CUDA is not available; use trainer.device=cpu")
-        if pref == "cuda" and dist.is_dist():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    try:
-        device = torch.device(pref)
-    except RuntimeError:  # torch lists twenty device types; ours are few
-        raise ConfigError(f"device {pref!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"device {pref!r}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ...)")
-    return device
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 autocast pays off on CPUs with native bf16 dot products (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(pref: str, device: torch.device) -> str:
-    if pref != "auto":
-        if pref == "16-mixed" and device.type == "cpu":
-            raise ConfigError("trainer.precision=16-mixed needs a GPU; use bf16-mixed or 32 on CPU")
-        return pref
-    if device.type == "cuda":
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_bf16() else "32"
-
-
-def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    """A distinct, reproducible RNG seed for every (step, micro-batch, rank): resuming at any
-    step replays exactly the augmentations an uninterrupted run would have drawn."""
-    x = (seed * 1_000_003 + step) * 1_009 + micro
-    return (x * 65_537 + rank) % (2**63 - 1)
-
-
-def versions() -> dict[str, str]:
-    import torchvision
-
-    return {"selfsup": __version__, "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
-# --------------------------------------------------------------------------------------
-# building blocks shared with eval and export
-
-
-def build_method(cfg: Config) -> Method:
-    from selfsup.backbones import build_backbone
-    from selfsup.registry import get_method
-
-    method_cls = get_method(cfg.method.name)
-    torch.manual_seed(cfg.trainer.seed)  # same seed -> same init, also for the random-init baseline
-    backbone_cfg = cfg.backbone
-    if backbone_cfg.img_size is None and backbone_cfg.name.startswith(("timm:", "vit_")):
-        backbone_cfg = replace(backbone_cfg, img_size=cfg.augment.views[0].size)  # ViTs: the global crop side
-    return method_cls(cfg.method, build_backbone(backbone_cfg), cfg.augment)
-
-
-def limit_dataset(dataset, limit: int | None, seed: int = 0):
-    """A fixed random subset of ``limit`` samples (smoke runs and tests; the embedded set is
-    stored class by class, so its first N samples would all be airplanes)."""
-    if limit is None or limit >= len(dataset):
-        return dataset
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return dataset.subset(keep, name=f"{dataset.name}[{limit} of {len(dataset)}]")
+# the data
 
 
 def open_training_data(cfg: Config, data=None) -> tuple[Any, str, str]:
@@ -142,8 +61,12 @@ def open_training_data(cfg: Config, data=None) -> tuple[Any, str, str]:
     from selfsup.data.shards import ShardStream
     from selfsup.data.sources import FolderStream
     from selfsup.data.user import BatchIterable, SampleSource
-    from selfsup.modalities import check_source, get_modality, modality_of_source
-    from selfsup.registry import get_method
+    from selfsup.registry import (
+        check_source,
+        get_method,
+        get_modality,
+        modality_of_source,
+    )
 
     if data is not None:
         kinds = ((FolderStream, "stream"), (ShardStream, "shards"), (SampleSource, "dataset"),
@@ -157,84 +80,6 @@ def open_training_data(cfg: Config, data=None) -> tuple[Any, str, str]:
     modality = modality_of_source(cfg.data.source, method.modalities) or method.modalities[0]
     opened = get_modality(modality).open(cfg.data, cfg.data.train_split)
     return opened.dataset, opened.mode, opened.note
-
-
-class DataWait:
-    """The share of step time spent waiting for the next batch (``data_wait``).
-
-    The first WARMUP steps of a session are left out (workers starting, caches filling). When at
-    least SETTLE steps have been measured and the share so far is above THRESHOLD, ``advice``
-    returns one line, once per session, saying the loader is the bottleneck and what to change."""
-
-    WARMUP, SETTLE, THRESHOLD = 3, 10, 0.10
-
-    def __init__(self) -> None:
-        self.steps, self.wait, self.total = 0, 0.0, 0.0
-        self.warned = False
-
-    def add(self, wait_s: float, step_s: float) -> None:
-        """One step: ``wait_s`` waiting for its batches, ``step_s`` in the step itself."""
-        self.steps += 1
-        if self.steps > self.WARMUP:
-            self.wait += wait_s
-            self.total += wait_s + step_s
-
-    @property
-    def share(self) -> float | None:
-        """Waiting / (waiting + stepping) over the steps after the warm-up; None before any."""
-        return self.wait / self.total if self.total > 0 else None
-
-    def advice(self, mode: str, workers: int) -> str | None:
-        """The bottleneck line the first time it applies (see the class docstring), else None."""
-        share = self.share
-        if self.warned or share is None or self.steps < self.WARMUP + self.SETTLE or share <= self.THRESHOLD:
-            return None
-        self.warned = True
-        if mode != "memory":
-            fix = f"raise data.workers (now {workers}), or use data.mode=memory if the decoded set fits in RAM"
-        else:
-            fix = "the batches come from memory, so check for other processes on these cores (trainer.threads)"
-        return f"the data loader is the bottleneck: {share:.0%} of each step waits for data; {fix}"
-
-
-# what a run writes into its folder: a folder holding any of these holds a run
-_RUN_FILES = ("last.ckpt", "config.yaml", "metrics.csv", "summary.json")
-
-
-def make_run_dir(cfg: Config, run_dir: str | Path | None = None) -> Path:
-    """Create the folder of a new run and return it: ``run_dir``, else
-    ``trainer.out_dir/trainer.run_name``, else ``trainer.out_dir/<method>-<time>``.
-
-    A named folder that already holds a run is refused (only a resume continues a run). A
-    default name is taken with os.mkdir, which only one of two runs started in the same second
-    wins; the other takes the next free suffix (-2, -3, ...). Rank 0 decides and every rank
-    gets its answer, the folder or the error."""
-    path, error = None, None
-    if dist.rank() == 0:
-        try:
-            path = str(_claim_run_dir(cfg, run_dir))
-        except ConfigError as err:
-            error = str(err)
-        except OSError as err:  # unwritable out_dir, a file in the way
-            error = f"cannot create the run directory: {err}"
-    if dist.is_dist():
-        box = [path, error]
-        tdist.broadcast_object_list(box, src=0)
-        path, error = box
-    if error is not None:
-        raise ConfigError(error)
-    return Path(path)
-
-
-def refuse_held_run_dir(cfg: Config, run_dir: str | Path | None) -> None:
-    """ConfigError when the run's named folder already holds a run (only a resume continues one)."""
-    if run_dir is None and cfg.trainer.run_name is None:
-        return  # a new default name is claimed when the run starts
-    path = Path(run_dir) if run_dir is not None else Path(cfg.trainer.out_dir) / cfg.trainer.run_name
-    held = [name for name in _RUN_FILES if (path / name).exists()] + [p.name for p in path.glob("*.ckpt")][:1]
-    if held:
-        raise ConfigError(f"{path} already holds a run ({', '.join(dict.fromkeys(held))}); continue it with "
-                          f"`selfsup pretrain --resume {path}`, or choose another trainer.run_name")
 
 
 @dataclass
@@ -263,23 +108,6 @@ def make_training_loader(dataset: Any, cfg: Config, per_rank: int, rank: int, wo
                        world_size=world, drop_last=True, pin_memory=pin_memory)
 
 
-def _claim_run_dir(cfg: Config, run_dir: str | Path | None) -> Path:
-    if run_dir is None and cfg.trainer.run_name is None:
-        base = Path(cfg.trainer.out_dir) / f"{cfg.method.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        base.parent.mkdir(parents=True, exist_ok=True)
-        for n in itertools.count(1):
-            path = base if n == 1 else base.with_name(f"{base.name}-{n}")
-            try:
-                path.mkdir()  # atomic: exactly one process creates a given folder
-                return path
-            except FileExistsError:
-                continue
-    refuse_held_run_dir(cfg, run_dir)
-    path = Path(run_dir) if run_dir is not None else Path(cfg.trainer.out_dir) / cfg.trainer.run_name
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 class NormStats:
     """The running statistics of every normalization layer (BatchNorm's running mean and variance,
     teachers' included), saved before each step so that a dropped step can put them back: a
@@ -304,33 +132,6 @@ class NormStats:
     def restore(self) -> None:
         if self.live:
             torch._foreach_copy_(self.live, self.saved)
-
-
-class _StopFlag:
-    """First Ctrl-C (or SIGTERM from a scheduler) asks the loop to save and stop after the
-    current step; a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 # --------------------------------------------------------------------------------------
@@ -601,14 +402,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_files(self.run_dir)  # a killed run's half-written checkpoint
             dump_config(cfg, self.run_dir / "config.yaml")
-        log_rows = _MetricLog(self.run_dir, enabled=self.is_main, from_step=self.step)
-        bar = _progress(self.total_steps, self.step, enabled=self.is_main and cfg.trainer.progress)
+        log_rows = MetricLog(self.run_dir, enabled=self.is_main, from_step=self.step)
+        bar = progress_bar(self.total_steps, self.step, enabled=self.is_main and cfg.trainer.progress)
         consecutive_bad = 0
         stopped_early = False
         t_start = time.perf_counter()
         images_per_step = cfg.data.batch_size
         try:
-            with _StopFlag() as stop:
+            with StopFlag() as stop:
                 while self.step < stop_at and not stopped_early:
                     self.loader.set_epoch(self.epoch)
                     self.loader.set_start_batch(self.batch_in_epoch)
@@ -661,8 +462,8 @@ class Trainer:
         every = self.cfg.eval.online_every
         if not every or self.epoch % every or not self.is_main or self.history.get("online_off"):
             return
-        from selfsup.evaluate import labeled_features, run_knn
         from selfsup.errors import DataError
+        from selfsup.evaluate import labeled_features, run_knn
 
         try:
             feats = labeled_features(self.method, self.cfg, device=self.device, precision=self.precision)
@@ -727,104 +528,3 @@ class Trainer:
         return summary
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch on CUDA; peak resident set size of the process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def write_summary(summary: dict, run_dir: str | Path) -> None:
-    write_text_atomic(Path(run_dir) / "summary.json", json.dumps(summary, indent=2, default=str))
-
-
-# --------------------------------------------------------------------------------------
-# logging helpers
-
-
-class _MetricLog:
-    """metrics.csv (always) and TensorBoard events (when tensorboard is installed).
-
-    ``from_step`` is the step the run starts at. A run killed after its last checkpoint had logged
-    rows past it; the resume trains those steps again, so their rows are dropped first (and their
-    TensorBoard events purged): every step is logged once and the report's curves run forward."""
-
-    def __init__(self, run_dir: Path, enabled: bool, from_step: int = 0) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.csv"
-        self.tb = None
-        if enabled:
-            self._drop_after(from_step)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=from_step + 1 if from_step else None)
-            except Exception:  # tensorboard missing or broken: CSV still has everything
-                self.tb = None
-
-    def write(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        fields = self._fields()
-        if any(k not in fields for k in row):  # a new column (e.g. knn/top1): rewrite with the union
-            fields = fields + [k for k in row if k not in fields]
-            write_text_atomic(self.path, _csv_text(fields, self._read()))
-        with explain_disk_full(self.path), self.path.open("a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=fields).writerow(row)
-        if self.tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def _drop_after(self, step: int) -> None:
-        """Keep the whole rows up to ``step``; a row cut short by a kill (missing cells, no
-        line end) goes too. The file is rewritten atomically, and only when something changes."""
-        if not self.path.exists():
-            return
-        with self.path.open(newline="") as fh:
-            old = fh.read()
-        kept = [r for r in self._read() if None not in r.values() and 0 <= _row_step(r) <= step]
-        new = _csv_text(self._fields(), kept)
-        if new != old:
-            write_text_atomic(self.path, new)
-
-    def _fields(self) -> list[str]:
-        if not self.path.exists():
-            return []
-        with self.path.open(newline="") as fh:
-            return next(csv.reader(fh), [])
-
-    def _read(self) -> list[dict]:
-        if not self.path.exists():
-            return []
-        with self.path.open(newline="") as fh:
-            return list(csv.DictReader(fh))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _csv_text(fields: list[str], rows: list[dict]) -> str:
-    out = io.StringIO(newline="")
-    writer = csv.DictWriter(out, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def _row_step(row: dict) -> int:
-    """The row's step; -1 for a row whose step cell was cut off."""
-    try:
-        return int(row["step"])
-    except (KeyError, TypeError, ValueError):
-        return -1
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                leave=True, file=sys.stderr)

@@ -15,7 +15,9 @@ A Method is an ``nn.Module`` with
   later update (keys to enqueue, a teacher mean for the centre) it hands to ``defer``, and a step
   the trainer drops (non-finite loss) is forgotten by ``discard_step``, so it leaves no trace;
 - ``prepare(dataset, run_dir)``: once before training, after a resume's state is loaded (BEiT
-  fits its tokenizer here).
+  fits its tokenizer here);
+- ``figures``: the method-specific pictures ``selfsup report`` draws for it, each with the
+  method that computes it (``prototype_scores``, ``reconstruct``).
 The trainer never knows which method it runs.
 """
 
@@ -26,7 +28,6 @@ from typing import Any, Callable, ClassVar
 
 import torch
 from torch import nn
-
 
 
 @dataclass
@@ -82,6 +83,9 @@ class Method(nn.Module):
     single_view: ClassVar[bool] = False
     # whether the trainer put the inputs in channels_last (use_channels_last); False for non-image methods
     channels_last: bool = False
+    # report figures beyond the common ones this method offers: 'prototypes' (then it implements
+    # prototype_scores), 'reconstruction' (then it implements reconstruct)
+    figures: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any, backbone: nn.Module, augment: Any = None) -> None:
         super().__init__()
@@ -123,7 +127,7 @@ class Method(nn.Module):
         matched by name; what is missing, unexpected or of another shape is counted in the returned
         report (never silently dropped: the caller prints it), and a source of which nothing fits
         is an error."""
-        from selfsup.train.checkpoint import encoder_state, fit_report
+        from selfsup.checkpoint import encoder_state, fit_report
 
         state, where = encoder_state(source)
         target = self.backbone.model
@@ -151,6 +155,20 @@ class Method(nn.Module):
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encode(self.preprocess(batch)).float()
+
+    def prototype_scores(self, feats: torch.Tensor) -> torch.Tensor:
+        """(N, K) scores of (N, D) backbone features (as ``embed`` returns them) against the method's K
+        prototypes, for the report's prototype-usage figure. Methods declaring the "prototypes"
+        figure implement it."""
+        raise NotImplementedError(f"{type(self).__name__} has no prototypes (it does not declare the "
+                                  "'prototypes' figure)")
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(masked inputs, reconstructions) of ``x``, normalized eval inputs as ``preprocess``
+        returns them; both in the same normalized space and shape as ``x``, for the report's
+        reconstruction figure. Methods declaring the "reconstruction" figure implement it."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct its inputs (it does not "
+                                  "declare the 'reconstruction' figure)")
 
     def defer(self, update: Callable[[], None]) -> None:
         """Run ``update`` (a state change computed in ``forward``: a queue push, a centre move) in
