@@ -12,7 +12,9 @@ for ``--steps`` steps and records:
   warm-up, the wait for batches included (``DataWait``: the time the loop waits in ``next(it)``
   plus the step itself);
 * **ready**: the same trainer's step on one uint8 batch already on the device, repeated: the most the
-  data path could give (augmentation is still in the step, as in every mode);
+  data path could give (augmentation is still in the step, as in every mode). It depends on the
+  model and batch only, so it is measured in the first configuration of each backbone and used
+  for the rest;
 * **data_wait**: the share of step time spent waiting for batches (what summary.json reports);
 * **peak memory**: the training process's peak resident set (RSS), and the peak of its loader workers'
   proportional set sizes (PSS) summed, sampled every 0.2 s (a forked worker's RSS would count the
@@ -128,7 +130,7 @@ def measure(folder: Path, mode: str, backbone: str, args: argparse.Namespace) ->
         wait = trainer.data_wait
         steps = wait.steps - wait.WARMUP
         images_s = args.batch * steps / wait.total if wait.total else None
-        ready_s = ready_images_per_second(trainer, args)
+        ready_s = None if args.skip_ready else ready_images_per_second(trainer, args)
         workers = getattr(trainer.loader, "workers", 0)
         trainer.loader.close()
     return {"images": len(trainer.dataset), "mode": mode, "backbone": backbone, "workers": workers, "images_s": images_s,
@@ -210,14 +212,16 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
              f"SimCLR (configs/simclr/imagenet.yaml views), batch {args.batch}, "
              f"{args.steps} steps per configuration; images are CIFAR-10 upscaled to 224 px JPEGs "
              "(decode cost of a 224-px JPEG, CIFAR's detail). images/s includes the wait for data; ready is the "
-             "same step on a batch already on the device.", "",
+             "same step on a batch already on the device, measured once per backbone (in its first configuration, after "
+             "that run's steps); 'of ready' above 100% is the spread of few-step CPU timings, not a gain. Peak RSS "
+             "is of the training process; the workers' PSS is summed over the loader workers.", "",
              "| backbone | images | mode | workers | images/s | ready images/s | of ready | data_wait "
              "| peak MiB: main RSS / workers PSS | setup s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['backbone']} | {r['images']} | {r['mode']} | | skipped: {r['skipped']} | | | | | |")
             continue
-        wait = "n/a" if r["data_wait"] is None else f"{r['data_wait']:.0%}"
+        wait = "n/a" if r["data_wait"] is None else f"{r['data_wait']:.2%}"
         speed = "n/a" if r["images_s"] is None else _rate(r["images_s"])
         share = "n/a" if r["images_s"] is None else f"{r['images_s'] / r['ready_s']:.0%}"
         lines.append(f"| {r['backbone']} | {r['images']} | {r['mode']} | {r['workers']} | {speed} | "
@@ -244,31 +248,43 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "selfsup-data-path")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--one", nargs=3, metavar=("FOLDER", "MODE", "BACKBONE"), help=argparse.SUPPRESS)
+    ap.add_argument("--skip-ready", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--previous", type=Path, help="rows already measured (the JSON lines an earlier run printed): "
+                                                   "kept in the table, their configurations not run again")
     args = ap.parse_args()
     if args.one:  # a child: one configuration in a fresh process, result as one JSON line
         print("RESULT " + json.dumps(measure(Path(args.one[0]), args.one[1], args.one[2], args)), flush=True)
         return
     os.environ.setdefault("SELFSUP_CACHE_DIR", str(args.work / "cache"))
-    rows = []
+    rows = [json.loads(line) for line in args.previous.read_text().splitlines()
+            if line.startswith("{")] if args.previous else []
+    done = {(r["images"], r["mode"], r.get("backbone")) for r in rows}
     for count in args.sizes:
+        if all((count, mode, backbone) in done for mode in args.modes for backbone in args.backbones):
+            continue
         folder = build_folder(args.work, count)
         shards = build_shards(folder) if "shards" in args.modes else None
         for backbone in args.backbones:
             for mode in args.modes:
+                if (count, mode, backbone) in done:
+                    continue
                 if mode == "memory" and not fits_in_memory(count):
                     rows.append({"images": count, "mode": mode, "backbone": backbone,
                                  "skipped": "over half of this machine's RAM"})
                     continue
-                rows.append(run_child(shards if mode == "shards" else folder, mode, backbone, args))
+                ready = next((r["ready_s"] for r in rows if r.get("backbone") == backbone and r.get("ready_s")), None)
+                rows.append(run_child(shards if mode == "shards" else folder, mode, backbone, args, skip_ready=bool(ready)))
+                if ready:  # the ceiling depends on the model and batch only: measured once per backbone
+                    rows[-1]["ready_s"] = ready
                 print(json.dumps(rows[-1]), flush=True)
     text = report(rows, args)
     args.out.write_text(text)
     print(text)
 
 
-def run_child(folder: Path, mode: str, backbone: str, args: argparse.Namespace) -> dict:
-    flags = [f"--batch={args.batch}", f"--steps={args.steps}",
-             f"--device={args.device}"] + ([f"--workers={args.workers}"] if args.workers is not None else [])
+def run_child(folder: Path, mode: str, backbone: str, args: argparse.Namespace, skip_ready: bool = False) -> dict:
+    flags = [f"--batch={args.batch}", f"--steps={args.steps}", f"--device={args.device}",
+             *([f"--workers={args.workers}"] if args.workers is not None else []), *(["--skip-ready"] if skip_ready else [])]
     proc = subprocess.run([sys.executable, __file__, "--one", str(folder), mode, backbone, *flags], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
     for line in proc.stdout.splitlines():

@@ -43,7 +43,8 @@ from torch import nn  # noqa: E402
 
 from selfsup.config import load_config  # noqa: E402
 from selfsup.data import load_dataset  # noqa: E402
-from selfsup.train.trainer import Trainer, build_method  # noqa: E402
+from selfsup.core.build import build_method  # noqa: E402
+from selfsup.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "lightly_speed.md"

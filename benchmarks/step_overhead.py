@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 from selfsup.config import load_config  # noqa: E402
 from selfsup.data import load_dataset  # noqa: E402
-from selfsup.methods.base import Progress  # noqa: E402
+from selfsup.core.method import Progress  # noqa: E402
 from selfsup.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
