@@ -390,3 +390,14 @@ def test_data_wait_share_and_advice():
     advice = wait.advice("stream", 3)
     assert "bottleneck" in advice and "data.workers (now 3)" in advice and "data.mode=memory" in advice
     assert wait.advice("stream", 3) is None  # said once
+
+
+@pytest.mark.parametrize(("mode", "says"), [("iterable", "num_workers"), ("dataset", "__getitem__"),
+                                            ("shards", "data.workers (now 2)"), ("memory", "other processes")])
+def test_data_wait_advice_names_what_to_change_for_each_source(mode, says):
+    from selfsup.train.logging import DataWait
+
+    wait = DataWait()
+    for _ in range(DataWait.WARMUP + DataWait.SETTLE):
+        wait.add(0.5, 0.5)
+    assert says in wait.advice(mode, 2)

@@ -46,7 +46,12 @@ class DataWait:
         if self.warned or share is None or self.steps < self.WARMUP + self.SETTLE or share <= self.THRESHOLD:
             return None
         self.warned = True
-        if mode != "memory":
+        if mode == "iterable":
+            fix = (f"the batches come from the iterable given to fit() ({workers} worker(s)): give its DataLoader more "
+                   "num_workers, or pass a Dataset of samples so that data.workers decode them")
+        elif mode == "dataset":
+            fix = f"raise data.workers (now {workers}), or make the Dataset's __getitem__ cheaper"
+        elif mode != "memory":
             fix = f"raise data.workers (now {workers}), or use data.mode=memory if the decoded set fits in RAM"
         else:
             fix = "the batches come from memory, so check for other processes on these cores (trainer.threads)"
