@@ -49,14 +49,12 @@ def load_feature_split(cfg: Config, split: str, source: str | None = None):
     """A split to embed, opened as ``data.mode`` says (data/modes.py): in memory, or streamed from its
     folder with every image prepared for evaluation in the loader workers (resize, centre crop to
     the method's eval size, ``augment.views.0.size``), so a bank of any size can be embedded."""
-    from selfsup.data.modes import is_folder_source, open_data
+    from selfsup.data.modes import is_folder_source
+    from selfsup.modalities.image import IMAGE
 
-    d = cfg.data
-    src = source or d.source
-    mode = d.mode if is_folder_source(src) else "auto"  # a run streamed from a folder, evaluated on CIFAR
-    return open_data(src, split, mode=mode, root=d.root, decode_size=d.decode_size, download=d.download,
-                     max_side=d.max_side, eval_size=cfg.augment.views[0].size,
-                     memory_budget_gib=d.memory_budget_gib).dataset
+    src = source or cfg.data.source
+    mode = cfg.data.mode if is_folder_source(src) else "auto"  # a run streamed from a folder, evaluated on CIFAR
+    return IMAGE.open(replace(cfg.data, source=src, mode=mode), split, eval_size=cfg.augment.views[0].size).dataset
 
 
 def embed_dataset(method: Method, dataset, *, device: torch.device, batch_size: int = 512,

@@ -56,7 +56,7 @@ from selfsup.data.datasets import (
     max_image_pixels,
 )
 from selfsup.errors import DataError
-from selfsup.pretext.augment import _eval_resize_side
+from selfsup.pretext.augment import _eval_resize_side, pad_images
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ class ImageStream(Dataset):
 
     A subclass stores its items and implements ``__len__``, ``path(index)`` (a name for messages),
     ``read(index)`` (the item's encoded bytes, a 1-D uint8 tensor), ``subset`` and ``fingerprint``;
-    it may override ``epoch_order`` (the shuffled order of one epoch) to keep reads local.
+    it may override ``epoch_order`` (the shuffled order of one epoch) to keep reads local, and
+    ``load`` (one item's tensors) when its items are not encoded images.
     """
 
     def __init__(self, labels: torch.Tensor, classes: Sequence[str], *, name: str, max_side: int | None,
@@ -110,14 +111,21 @@ class ImageStream(Dataset):
         skipped: list[tuple[int, str]] = []
         for step in range(SUBSTITUTE_TRIES + 1):
             position = (index + step) % len(self)
-            image, status = self.decode(position)
-            if image is not None:
-                # fresh scalars: a view into self.labels would carry its whole storage along
-                label = torch.tensor(int(self.labels[position]), dtype=torch.int64)
-                return {"images": image, "labels": label, "index": torch.tensor(position, dtype=torch.int64),
-                        "skipped": skipped}
+            sample, status = self.load(position)
+            if sample is not None:
+                sample["index"] = torch.tensor(position, dtype=torch.int64)
+                sample["skipped"] = skipped
+                return sample
             skipped.append((position, status))
         return {"unusable": index, "skipped": skipped}
+
+    def load(self, index: int) -> tuple[dict[str, Any] | None, str]:
+        """(the sample's tensors, "") for item ``index``, or (None, the reason it is skipped)."""
+        image, status = self.decode(index)
+        if image is None:
+            return None, status
+        # fresh scalars: a view into self.labels would carry its whole storage along
+        return {"images": image, "labels": torch.tensor(int(self.labels[index]), dtype=torch.int64)}, ""
 
     def epoch_order(self, generator: torch.Generator) -> torch.Tensor:
         """The order of one shuffled epoch: a uniform permutation of every sample."""
@@ -321,16 +329,8 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
                             "same keys and shapes (pad sequences in the dataset)") from None
     if "images" not in samples[0]:
         return batch
-    images = [sample["images"] for sample in samples]
-    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.int64)
-    height, width = (int(side) for side in sizes.max(dim=0).values)
-    if bool((sizes == sizes[0]).all()):
-        batch["images"] = torch.stack(images)
-    else:
-        canvas = torch.zeros((len(images), 3, height, width), dtype=torch.uint8)
-        for slot, image in zip(canvas, images):
-            slot[:, : image.shape[1], : image.shape[2]] = image
-        batch["images"] = canvas
+    batch["images"], sizes = pad_images([sample["images"] for sample in samples])
+    if sizes is not None:
         batch["image_sizes"] = sizes
     return batch
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from selfsup.data.sources import SUBSTITUTE_TRIES, ImageStream
+from selfsup.data.sources import ImageStream
 from selfsup.errors import ConfigError, DataError
 
 IMAGES = "images"
@@ -121,22 +121,15 @@ class SampleSource(ImageStream):
     def path(self, index: int) -> str:
         return f"{self.name}[{index}]"
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """The item at ``index`` as a sample; an item whose ``__getitem__`` raises gives the next one
-        instead (counted), but a sample of the wrong shape is an error: it is the Dataset's, not the data's."""
-        skipped: list[tuple[int, str]] = []
-        for step in range(SUBSTITUTE_TRIES + 1):
-            position = (index + step) % len(self)
-            try:
-                item = self.data[position]
-            except Exception as exc:  # a bad file behind the user's Dataset: count it, keep going
-                skipped.append((position, f"{type(exc).__name__}: {exc}"[:200]))
-                continue
-            sample = to_sample(item)
-            sample["index"] = torch.tensor(position, dtype=torch.int64)
-            sample["skipped"] = skipped
-            return sample
-        return {"unusable": index, "skipped": skipped}
+    def load(self, index: int) -> tuple[dict[str, Any] | None, str]:
+        """The item at ``index`` as a sample. An item whose ``__getitem__`` raises is skipped (the
+        base class substitutes and counts it), but a sample of the wrong shape is an error: it is
+        the Dataset's, not the data's."""
+        try:
+            item = self.data[index]
+        except Exception as exc:  # a bad file behind the user's Dataset: count it, keep going
+            return None, f"{type(exc).__name__}: {exc}"[:200]
+        return to_sample(item), ""
 
     def subset(self, keep: torch.Tensor, name: str) -> SampleSource:
         return SampleSource(Subset(self.data, keep.tolist()), name)

@@ -852,6 +852,20 @@ class Augment(torch.nn.Module):
         torch.div(x.sub_(mean), std, out=out)
 
 
+def pad_images(images: list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Images (C, h, w) of one batch on one canvas: stacked as they are when they share a size
+    (sizes None), else zero-padded at the bottom and right to the largest (H, W), with each
+    image's own (h, w) as ``image_sizes`` (B, 2) for ``Augment`` to crop inside."""
+    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.int64).reshape(-1, 2)
+    if bool((sizes == sizes[0]).all()):
+        return torch.stack(images), None
+    height, width = (int(side) for side in sizes.max(dim=0).values)
+    canvas = torch.zeros((len(images), images[0].shape[0], height, width), dtype=images[0].dtype)
+    for slot, image in zip(canvas, images):
+        slot[:, : image.shape[1], : image.shape[2]] = image
+    return canvas, sizes
+
+
 def _eval_resize_side(size: int) -> int:
     """Shorter side before the center crop: 256 for 224 (ratio 0.875); no upscale margin for small images."""
     return round(size / EVAL_CROP_FRACTION) if size >= EVAL_RESIZE_MIN_SIZE else size

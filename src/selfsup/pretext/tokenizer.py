@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from selfsup.errors import ConfigError
+from selfsup.pretext.augment import pad_images
 
 __all__ = [
     "PatchKMeansTokenizer",
@@ -159,29 +160,18 @@ def sample_patch_features(images: Any, view: nn.Module, patch_size: int, n_patch
         if isinstance(images, Tensor):
             x = view(images[order[start : start + chunk]].to(device), generator=dev_gen)
         else:
-            batch, sizes = _padded([images[int(i)] for i in order[start : start + chunk]])
-            if batch is None:
+            read = [images[int(i)] for i in order[start : start + chunk]]
+            read = [sample["images"] for sample in read if "images" in sample]  # not the unusable ones
+            if not read:
                 continue
-            x = view(batch.to(device), generator=dev_gen, image_sizes=sizes.to(device))
+            batch, sizes = pad_images(read)
+            x = view(batch.to(device), generator=dev_gen, image_sizes=None if sizes is None else sizes.to(device))
         f = patch_features(x, patch_size, eps)
         feats.append(f.reshape(-1, f.shape[-1]))
         total += feats[-1].shape[0]
         if total >= n_patches:
             break
     return torch.cat(feats)[:n_patches]
-
-
-def _padded(samples: list[dict[str, Any]]) -> tuple[Tensor | None, Tensor]:
-    """The samples' images on one zero canvas (top-left) and their (h, w); samples a source could
-    not fill (``unusable``) are left out."""
-    images = [s["images"] for s in samples if "images" in s]
-    sizes = torch.tensor([image.shape[-2:] for image in images], dtype=torch.int64).reshape(-1, 2)
-    if not images:
-        return None, sizes
-    canvas = torch.zeros((len(images), images[0].shape[0], *sizes.max(dim=0).values.tolist()), dtype=torch.uint8)
-    for slot, image in zip(canvas, images):
-        slot[:, : image.shape[1], : image.shape[2]] = image
-    return canvas, sizes
 
 
 class PatchKMeansTokenizer(nn.Module):
