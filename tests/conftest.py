@@ -47,6 +47,9 @@ def resume_matches_straight(cfg, tmp_path, until_step: int, data=None):
     b = load_checkpoint(tmp_path / "split")["model"]
     assert a.keys() == b.keys()
     for k in a:
+        if not torch.is_tensor(a[k]):  # extra state (a text encoder's tokenizer)
+            assert a[k] == b[k], k
+            continue
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
     return mid, a
 

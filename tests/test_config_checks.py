@@ -18,6 +18,12 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 get_method("simclr")  # imports every method, so the registry is complete at collection
 MULTI_CROP = ["dino", "dinov2", "swav"]  # the methods whose forward trains on local crops
 NO_LOCAL = sorted(set(registry.METHODS) - set(MULTI_CROP))
+# what a method of each modality needs to load besides its name (the default encoder and data are images)
+_MODALITY_ARGS = {"image": [], "text": ["backbone.name=text_tiny", "data.source=embedded-text"]}
+
+
+def _own(name: str) -> list[str]:
+    return [f"method.name={name}", *_MODALITY_ARGS[registry.METHODS[name].modalities[0]]]
 
 
 def test_only_the_multi_crop_methods_declare_local_crops():
@@ -27,8 +33,8 @@ def test_only_the_multi_crop_methods_declare_local_crops():
 @pytest.mark.parametrize("name", NO_LOCAL)
 def test_local_crops_refused_at_load_by_methods_that_cannot_use_them(name):
     with pytest.raises(ConfigError, match=rf"^{name} does not use local crops; augment.n_local=2 must be 0$"):
-        load_config(None, [f"method.name={name}", "augment.n_local=2", "augment.local={size: 16}"])
-    assert load_config(None, [f"method.name={name}", "augment.n_local=0"]).augment.n_local == 0
+        load_config(None, [*_own(name), "augment.n_local=2", "augment.local={size: 16}"])
+    assert load_config(None, [*_own(name), "augment.n_local=0"]).augment.n_local == 0
 
 
 @pytest.mark.parametrize("name", MULTI_CROP)

@@ -163,6 +163,13 @@ def _data2vec_loss(g):
     return {"p": y + 0.5 * _randn(g, *y.shape), "y": y}, lambda p, y: L.data2vec_loss(p, y)
 
 
+def _token_cross_entropy(g):
+    """Next-token scores over a 2,048-token vocabulary, a tenth of the positions without a target."""
+    targets = torch.randint(0, 2048, (8, 64), generator=g)
+    targets[torch.rand(8, 64, generator=g) < 0.1] = -100
+    return {"logits": 3.0 * _randn(g, 8, 64, 2048)}, lambda logits: L.token_cross_entropy(logits, targets)
+
+
 CASES: dict[str, Callable[[torch.Generator], Case]] = {
     "nt_xent": _two_view(L.nt_xent, temperature=0.1),
     "moco_info_nce": _moco_info_nce,
@@ -177,6 +184,7 @@ CASES: dict[str, Callable[[torch.Generator], Case]] = {
     "koleo_loss": _one(L.koleo_loss, 256, 384),
     "data2vec_targets": _data2vec_targets,
     "data2vec_loss": _data2vec_loss,
+    "token_cross_entropy": _token_cross_entropy,
     "ijepa_loss": _ijepa_loss,
     "beit_loss": _beit_loss,
     "classification_loss": _classification_loss,

@@ -37,9 +37,14 @@ def test_the_base_method_knows_no_modality_and_every_method_declares_its_own():
         assert not hasattr(Method, name), name
     assert Method.modalities == () and not Method.channels_last
     get_method("simclr")  # registers every method
+    from selfsup.modalities.image import ImageMethod
+    from selfsup.modalities.text import TextMethod
+
+    base = {"image": ImageMethod, "text": TextMethod}
     for name, cls in METHODS.items():
-        assert cls.modalities == ("image",), name
+        assert len(cls.modalities) == 1 and issubclass(cls, base[cls.modalities[0]]), name
     assert M.modality_of_batch({"images": torch.zeros(1)}) == "image"
+    assert M.modality_of_batch({"tokens": torch.zeros(1)}) == "text"
     assert M.modality_of_source("embedded") == "image"
 
 
@@ -49,8 +54,10 @@ def test_a_batch_of_another_modality_is_one_line(series_modality):
         model({"series": torch.zeros(4, 3, 100)})
     assert str(err.value) == ("simclr takes image batches (key 'images'); it was given a series batch "
                               "(keys: series)")
-    with pytest.raises(ConfigError, match=r"a batch of no known modality \(keys: attention_mask, tokens\)"):
+    with pytest.raises(ConfigError, match=r"it was given a text batch \(keys: attention_mask, tokens\)"):
         model({"tokens": torch.zeros(4, 8, dtype=torch.long), "attention_mask": torch.ones(4, 8)})
+    with pytest.raises(ConfigError, match=r"a batch of no known modality \(keys: waves\)"):
+        model({"waves": torch.zeros(4, 8)})
 
 
 def test_config_rejects_data_and_encoders_of_another_modality(series_modality, monkeypatch, capsys):
@@ -138,7 +145,7 @@ def test_user_data_errors_are_one_line(tmp_path):
         def __getitem__(self, i):
             return {"tokens": torch.zeros(8, dtype=torch.long)}
 
-    with pytest.raises(ConfigError, match="simclr takes image batches .* a batch of no known modality"):
+    with pytest.raises(ConfigError, match="simclr takes image batches .* it was given a text batch"):
         Trainer(_cfg(), run_dir=tmp_path / "d").fit(data=Tokens())
     with pytest.raises(DataError, match=r"expected an image with 3 dims \(C, H, W\), got shape \(2, 3, 8, 8\)"):
         Trainer(_cfg(), run_dir=tmp_path / "e").fit(data=torch.utils.data.TensorDataset(torch.zeros(4, 2, 3, 8, 8)))

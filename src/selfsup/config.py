@@ -50,6 +50,14 @@ class DataConfig:
     memory_budget_gib: float | None = None  # auto's budget (default: min(8 GiB, a quarter of RAM))
     workers: int | None = None  # stream: DataLoader worker processes (default: one per core, at most 8)
     max_side: int | None = 512  # stream: shrink larger images to this long side, keeping aspect (null: none)
+    # text (selfsup.modalities.text): the tokenizer (char | bpe | wordpiece, trained on the training
+    # split and cached, or a tokenizer.json path; null: the method's default kind), its vocabulary
+    # size when trained, the tokens per training sequence, and the columns of JSONL/TSV/CSV files
+    tokenizer: str | None = None
+    tokenizer_vocab: int = 8192
+    seq_len: int = 128
+    text_column: str | None = None  # default: "text"/"sentence", else the first column
+    label_column: str | None = None  # default: "label", else the last column of a TSV/CSV
 
     def validate(self) -> None:
         _check(self.mode in ("auto", "memory", "stream", "shards"), "data.mode", self.mode,
@@ -66,6 +74,8 @@ class DataConfig:
             _check(self.limit >= 1, "data.limit", self.limit, "must be >= 1")
         if self.decode_size is not None:
             _check(self.decode_size >= 8, "data.decode_size", self.decode_size, "must be >= 8")
+        _check(self.tokenizer_vocab >= 64, "data.tokenizer_vocab", self.tokenizer_vocab, "must be >= 64")
+        _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
 
 
 @dataclass
@@ -85,6 +95,13 @@ class BackboneConfig:
     pool: str = "cls"  # pooled feature: final-normed CLS token, or "mean" of the patch tokens
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory)
     layer_scale: float | None = None  # ViTs: LayerScale (CaiT) on each residual branch, this initial value
+    # text encoders (text_tiny ... text_base, backbones/text.py)
+    vocab_size: int | None = None  # filled in from the tokenizer
+    max_len: int | None = None  # positions (default: data.seq_len)
+    norm: str = "pre"  # pre-LayerNorm (GPT-2) or post (BERT)
+    bias: bool = True  # Linear and LayerNorm biases (nanoGPT's shakespeare_char: false)
+    dropout: float = 0.0
+    tokenizer: str | None = None  # the tokenizer file the encoder embeds (filled in from data.tokenizer)
     depth: int | None = None  # override the size's number of blocks
     embed_dim: int | None = None  # override the size's width
     num_heads: int | None = None  # override the size's attention heads
@@ -95,13 +112,15 @@ class BackboneConfig:
     def validate(self) -> None:
         _check(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "must be in [0, 1)")
         _check(self.width >= 4, "backbone.width", self.width, "must be >= 4")
-        _check(self.pos_embed in ("sincos", "learned"), "backbone.pos_embed", self.pos_embed,
-               "must be sincos or learned")
+        _check(self.pos_embed in ("sincos", "learned", "rotary"), "backbone.pos_embed", self.pos_embed,
+               "must be sincos, learned or rotary (text encoders)")
+        _check(self.norm in ("pre", "post"), "backbone.norm", self.norm, "must be pre or post")
+        _check(0.0 <= self.dropout < 1.0, "backbone.dropout", self.dropout, "must be in [0, 1)")
         _check(self.pool in ("cls", "mean"), "backbone.pool", self.pool, "must be cls or mean")
         if self.layer_scale is not None:
             _check(self.layer_scale > 0, "backbone.layer_scale", self.layer_scale,
                    "must be > 0 (BEiT 0.1, DINOv2 1e-5), or null for none")
-        for key in ("img_size", "patch_size", "depth", "embed_dim", "num_heads"):
+        for key in ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
             value = getattr(self, key)
             if value is not None:
                 _check(value >= 1, f"backbone.{key}", value, "must be >= 1 (or null for the default)")
@@ -149,6 +168,7 @@ class OptimConfig:
     ref_batch: int = 256
     min_lr: float = 0.0
     warmup_epochs: float = 10.0
+    warmup_steps: int | None = None  # warm-up in optimizer steps instead (language-model recipes count steps)
     warmup_start_lr: float = 0.0
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
@@ -171,6 +191,8 @@ class OptimConfig:
         _check(self.ref_batch >= 1, "optim.ref_batch", self.ref_batch, "must be >= 1")
         _check(self.min_lr >= 0, "optim.min_lr", self.min_lr, "must be >= 0")
         _check(self.warmup_epochs >= 0, "optim.warmup_epochs", self.warmup_epochs, "must be >= 0")
+        if self.warmup_steps is not None:
+            _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0 (or null: warmup_epochs)")
         _check(self.warmup_start_lr >= 0, "optim.warmup_start_lr", self.warmup_start_lr, "must be >= 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         if self.weight_decay_end is not None:

@@ -116,14 +116,18 @@ class Modality:
 
     ``batch_keys``: the keys its batches carry (the first one names it); ``claims(source)``:
     whether a ``data.source`` (a built-in name or a path) is this modality's, cheaply (no data
-    read); ``open(data_cfg, split, eval_size)``: the reader, returning an object with ``dataset``,
-    ``mode`` and ``note`` (see ``selfsup.data.modes.OpenedData``)."""
+    read); ``open(cfg, split, evaluation=False)``: the reader of a run's data (its ``data``
+    section), returning an object with ``dataset``, ``mode`` and ``note`` (see
+    ``selfsup.data.modes.OpenedData``), prepared for training or, with ``evaluation``, as labeled
+    samples for the probes; ``configure(cfg) -> cfg``: settings that depend on the data and must be
+    fixed before the encoder is built (text: the tokenizer and so the vocabulary size), or None."""
 
     name: str
     batch_keys: tuple[str, ...]
     claims: Callable[[str], bool]
     open: Callable[..., Any]
     description: str = ""
+    configure: Callable[[Any], Any] | None = None
 
 
 def register_modality(modality: Modality) -> Modality:

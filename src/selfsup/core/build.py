@@ -10,10 +10,20 @@ from selfsup.config import Config
 from selfsup.core.method import Method
 
 
+def resolve_config(cfg: Config) -> Config:
+    """``cfg`` with the settings its modality fixes from the data before the encoder is built
+    (text: the tokenizer, so the vocabulary size); a config that has them is returned as it is."""
+    from selfsup.registry import get_method, get_modality
+
+    modality = get_modality(get_method(cfg.method.name).modalities[0])
+    return modality.configure(cfg) if modality.configure is not None else cfg
+
+
 def build_method(cfg: Config) -> Method:
     from selfsup.backbones import build_backbone
     from selfsup.registry import get_method
 
+    cfg = resolve_config(cfg)
     method_cls = get_method(cfg.method.name)
     torch.manual_seed(cfg.trainer.seed)  # same seed -> same init, also for the random-init baseline
     backbone_cfg = cfg.backbone

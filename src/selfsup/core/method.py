@@ -86,6 +86,8 @@ class Method(nn.Module):
     # report figures beyond the common ones this method offers: 'prototypes' (then it implements
     # prototype_scores), 'reconstruction' (then it implements reconstruct)
     figures: ClassVar[tuple[str, ...]] = ()
+    # what throughput counts (logs, progress bar, summary's <unit>_per_second): images, tokens, ...
+    unit: ClassVar[str] = "images"
 
     def __init__(self, cfg: Any, backbone: nn.Module, augment: Any = None) -> None:
         super().__init__()
@@ -189,6 +191,10 @@ class Method(nn.Module):
         updates, self._deferred = self._deferred, []
         for update in updates:
             update()
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many ``unit`` a training batch holds (its samples; text methods count tokens)."""
+        return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
 
     def prepare(self, dataset: Any, run_dir: Any = None) -> None:
         """Hook before the first step, after a resumed run's state is loaded: methods that fit

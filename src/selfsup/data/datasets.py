@@ -128,6 +128,11 @@ class ImageArrayDataset(Dataset):
         """True when there are classes and every sample carries a label (what linear evaluation needs)."""
         return bool(self.classes) and len(self) > 0 and bool((self.labels >= 0).all())
 
+    def gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch of samples ``index``: one ``index_select`` per tensor."""
+        return {"images": self.images.index_select(0, index), "labels": self.labels.index_select(0, index),
+                "index": index}
+
     def subset(self, keep: torch.Tensor, name: str) -> ImageArrayDataset:
         """The samples at the positions `keep`, in that order, with this dataset's skip records."""
         return ImageArrayDataset(self.images[keep], self.labels[keep], self.classes, name=name, skipped=self.skipped,

@@ -42,7 +42,8 @@ def _mix_seed(seed: int, epoch: int) -> int:
 
 
 class BatchLoader:
-    """Iterate an ImageArrayDataset in batches of dicts {"images", "labels", "index"}.
+    """Iterate an in-memory source (an ImageArrayDataset: dicts {"images", "labels", "index"}; text
+    blocks or examples: {"tokens", ...}) in batches; the source's ``gather(index)`` builds each.
 
     With shuffle=True each epoch uses a permutation seeded by (seed, epoch),
     identical on all ranks and truncated so every rank gets the same number of
@@ -130,7 +131,11 @@ class BatchLoader:
         return order[:usable][self.rank :: self.world_size]
 
     def _shuffled(self, generator: torch.Generator) -> torch.Tensor:
-        """One shuffled epoch's order of the dataset's positions."""
+        """One shuffled epoch's order of the dataset's sample indices: the source's own
+        ``epoch_order`` when it has one (text blocks draw their grid shift there), else a permutation."""
+        epoch_order = getattr(self.dataset, "epoch_order", None)
+        if epoch_order is not None:
+            return epoch_order(generator)
         return torch.randperm(len(self.dataset), generator=generator)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -141,12 +146,11 @@ class BatchLoader:
             yield self._gather(index)
 
     def _gather(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Build one batch by indexing the in-memory tensors."""
-        images = self.dataset.images.index_select(0, index)
-        labels = self.dataset.labels.index_select(0, index)
+        """One batch, gathered by the in-memory source itself (one ``index_select`` for images)."""
+        batch = self.dataset.gather(index)
         if self.pin_memory:
-            images, labels, index = images.pin_memory(), labels.pin_memory(), index.pin_memory()
-        return {"images": images, "labels": labels, "index": index}
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
 
     def close(self) -> None:
         """Release what iterating holds (nothing here; StreamLoader stops its workers)."""

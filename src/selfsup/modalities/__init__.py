@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("image",)
+MODULES = ("image", "text")
 """One per modality: importing it registers the modality."""
 
 

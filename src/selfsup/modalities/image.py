@@ -92,19 +92,23 @@ class ImageMethod(Method):
 
 
 def _claims(source: str) -> bool:
-    """Built-in image datasets, and folders (image folders, shard sets); other modalities' readers
-    claim their own folders more specifically."""
+    """Built-in image datasets, and folders (image folders, shard sets). A folder of text files is also
+    the text reader's; a method's own modality wins (``registry.modality_of_source``), and a stray
+    ``labels.txt`` beside the images does not take an image folder away from image methods."""
     from selfsup.data.datasets import DATASET_NAMES
 
     return source.strip().lower() in DATASET_NAMES or Path(source).expanduser().is_dir()
 
 
-def _open(data: Any, split: str, eval_size: int | None = None) -> Any:
-    """``data.mode``'s choice of memory, stream or shards for split ``split`` (see data/modes.py)."""
+def _open(cfg: Any, split: str, evaluation: bool = False) -> Any:
+    """``data.mode``'s choice of memory, stream or shards for split ``split`` (see data/modes.py); for
+    evaluation a streamed split's images come prepared at the first view's size."""
     from selfsup.data.modes import open_data
 
+    data = cfg.data
     return open_data(data.source, split, mode=data.mode, root=data.root, decode_size=data.decode_size,
-                     download=data.download, max_side=data.max_side, eval_size=eval_size,
+                     download=data.download, max_side=data.max_side,
+                     eval_size=cfg.augment.views[0].size if evaluation else None,
                      memory_budget_gib=data.memory_budget_gib)
 
 

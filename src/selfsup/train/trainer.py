@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from selfsup import dist
 from selfsup.checkpoint import load_weights, remove_stale_temp_files, save_atomic
 from selfsup.config import Config, dump_config
-from selfsup.core.build import build_method
+from selfsup.core.build import build_method, resolve_config
 from selfsup.core.method import Progress
 from selfsup.core.runtime import (
     init_distributed,
@@ -72,7 +72,7 @@ def open_training_data(cfg: Config, data=None) -> tuple[Any, str, str]:
         return data, mode, f"{mode} ({what.get(mode, 'a source given to the Trainer')})"
     method = get_method(cfg.method.name)  # config validation already refused a source of another modality
     modality = modality_of_source(cfg.data.source, method.modalities) or method.modalities[0]
-    opened = get_modality(modality).open(cfg.data, cfg.data.train_split)
+    opened = get_modality(modality).open(cfg, cfg.data.train_split)
     return opened.dataset, opened.mode, opened.note
 
 
@@ -137,6 +137,7 @@ class Trainer:
                  data=None) -> None:
         self._t_session = time.perf_counter()  # this session's wall time counts from here (setup included)
         init_distributed(cfg.trainer.device)
+        cfg = resolve_config(cfg)  # what the data fixes before the encoder is built (a text run's tokenizer)
         self.cfg = cfg
         self.device = resolve_device(cfg.trainer.device)
         self.precision = resolve_precision(cfg.trainer.precision, self.device)
@@ -314,7 +315,7 @@ class Trainer:
 
     def _set_schedules(self) -> tuple[float, float]:
         o = self.cfg.optim
-        warmup = int(round(o.warmup_epochs * self.steps_per_epoch))
+        warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_epochs * self.steps_per_epoch))
         lr = cosine_schedule(self.step, self.total_steps, self.lr, o.min_lr, warmup, o.warmup_start_lr)
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         wd = cosine_schedule(self.step, self.total_steps, o.weight_decay, wd_end)
@@ -351,6 +352,7 @@ class Trainer:
         self._norm_stats.save()
         total, metrics, embeddings = 0.0, {}, None
         acc = len(micro_batches)
+        self.units_last_step = sum(self.method.count(b) for b in micro_batches) * self.world
         for i, batch in enumerate(micro_batches):
             torch.manual_seed(step_seed(self.cfg.trainer.seed, self.step, i, self.rank))
             batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -401,7 +403,6 @@ class Trainer:
         consecutive_bad = 0
         stopped_early = False
         t_start = time.perf_counter()
-        images_per_step = cfg.data.batch_size
         try:
             with StopFlag() as stop:
                 while self.step < stop_at and not stopped_early:
@@ -431,8 +432,8 @@ class Trainer:
                         dt = time.perf_counter() - t0
                         self.data_wait.add(t0 - t_wait, dt)
                         self.history["train_seconds"] += dt
-                        self.history["images"] += images_per_step
-                        self._log_step(log_rows, bar, loss, lr, wd, metrics, images_per_step / max(dt, 1e-9))
+                        self.history["images"] += self.units_last_step  # images, or the method's unit
+                        self._log_step(log_rows, bar, loss, lr, wd, metrics, self.units_last_step / max(dt, 1e-9))
                         if stop.requested:
                             stopped_early = True
                             break
@@ -477,7 +478,8 @@ class Trainer:
         row = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "wd": wd, "img_s": img_s, **metrics}
         if self.step % self.cfg.trainer.log_every == 0 or self.step == self.total_steps:
             log_rows.write(row)
-        post = {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", "img/s": f"{img_s:.0f}"}
+        unit = {"images": "img/s", "tokens": "tok/s"}.get(self.method.unit, f"{self.method.unit}/s")
+        post = {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}", unit: f"{img_s:.0f}"}
         if self.data_wait.share is not None:
             post["wait"] = f"{self.data_wait.share:.0%}"
         advice = self.data_wait.advice(self.data_mode, self.loader.workers)
@@ -505,7 +507,7 @@ class Trainer:
                         "wall_seconds_this_session": wall,
                         "wall_seconds_earlier_segments": self.history["wall_seconds"],
                         "segments": self.history["segments"] + 1,
-                        "images_per_second": self.history["images"] / train_s if train_s else None,
+                        f"{self.method.unit}_per_second": self.history["images"] / train_s if train_s else None,
                         # share of step time spent waiting for batches, this session after its warm-up steps
                         "data_wait": self.data_wait.share},
             "peak_memory_mib": peak_memory_mib(self.device),
