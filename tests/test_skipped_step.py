@@ -29,6 +29,11 @@ from selfsup.pretext.augment import Augment
 from selfsup.registry import METHODS, get_method
 from selfsup.train.trainer import Trainer
 
+# a tiny text run on the embedded tiny-shakespeare
+TEXT_TINY = ["data.source=embedded-text", "data.tokenizer=char", "data.seq_len=16", "data.batch_size=4",
+             "backbone.name=text_tiny", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+             "optim.name=adamw", "optim.lr=1e-3", "optim.lr_scaling=none", "eval.final_knn=false"]
+
 # (recipe, overrides) per method, with every piece of state switched on: SwAV's queue from the first
 # step, DINOv2's centres (its default Sinkhorn centering keeps none)
 RECIPES = {
@@ -49,6 +54,8 @@ RECIPES = {
     "beit": (BEIT_RECIPE, BEIT_TINY),
     "ijepa": (None, IJEPA_TINY),
     "data2vec2": (None, D2V_TINY),
+    **{name: (None, [f"method.name={name}", *TEXT_TINY]) for name in ("clm", "mlm", "t5")},
+    "data2vec_text": (None, ["method.name=data2vec_text", "method.top_k=2", *TEXT_TINY]),
 }
 
 
@@ -69,10 +76,13 @@ def _trainer(name: str, path) -> Trainer:
 def _poison(method: torch.nn.Module, on: dict) -> None:
     """While ``on["nan"]``, every augmented view comes out NaN (the methods make their views with
     ``Augment`` modules) and so does every input of the backbone's ``forward`` (jigsaw cuts its
-    tiles itself)."""
+    tiles itself); text methods: every token embedding (token ids cannot be NaN)."""
     def nan(x):
         return torch.full_like(x, float("nan")) if on["nan"] else x
 
+    if "text" in method.modalities:
+        method.backbone.model.tok_embed.register_forward_hook(lambda module, args, out: nan(out))
+        return
     hooked = [m.register_forward_hook(lambda module, args, out: nan(out))
               for m in method.modules() if isinstance(m, Augment)]
     assert hooked
@@ -82,7 +92,8 @@ def _poison(method: torch.nn.Module, on: dict) -> None:
 def _state(trainer: Trainer) -> dict:
     opt = trainer.optimizer.state_dict()
     optim_tensors = {f"optim.{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    return {**{f"model.{k}": v.clone() for k, v in trainer.method.state_dict().items()}, **optim_tensors,
+    model = {f"model.{k}": v.clone() for k, v in trainer.method.state_dict().items() if torch.is_tensor(v)}
+    return {**model, **optim_tensors,
             "position": torch.tensor([trainer.step, trainer.epoch])}
 
 

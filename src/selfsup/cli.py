@@ -68,9 +68,10 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 
     t0 = time.perf_counter()
     trainer = Trainer(cfg, run_dir=run_dir, resume=resume_ckpt)
+    cfg = trainer.cfg  # with what the data fixed (a text run's tokenizer)
     if trainer.is_main:
         where = {"memory": "in memory", "stream": "streamed", "shards": "from shards"}[trainer.data_mode]
-        print(f"selfsup {__version__}: {cfg.method.name} on {cfg.data.source} ({len(trainer.dataset)} samples "
+        print(f"selfsup {__version__}: {cfg.method.name} on {cfg.data.source} ({len(trainer.dataset):,} samples "
               f"{where}), backbone {cfg.backbone.name}, {trainer.device} {trainer.precision}, world size "
               f"{trainer.world}, {trainer.total_steps} steps of batch {cfg.data.batch_size}, lr {trainer.lr:.3g}\n"
               f"data: {trainer.data_note}\nrun directory: {trainer.run_dir}", file=sys.stderr)
@@ -86,6 +87,14 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
         print(f"stopped at step {trainer.step}; resume with: selfsup pretrain --resume {trainer.run_dir}",
               file=sys.stderr)
         return 130
+    if summary["finished"] and getattr(trainer.method, "language_model", False):
+        from selfsup.evaluate import language_model_scores
+
+        try:  # the held-out loss and perplexity a language model is judged by
+            summary["language_model"] = language_model_scores(trainer.method, cfg, device=trainer.device,
+                                                              precision=trainer.precision)
+        except SelfSupError as err:
+            summary["language_model"] = {"skipped": str(err)}
     if cfg.eval.final_knn and summary["finished"]:
         try:
             summary["knn"] = final_knn(trainer.method, cfg, trainer.device, trainer.precision)
@@ -104,10 +113,17 @@ def _print_pretrain_summary(summary: dict) -> None:
     rows = [("method", summary["method"]),
             ("steps", f"{summary['position']['step']} / {summary['position']['total_steps']}"),
             ("final loss", f"{summary['final_loss']:.4f}" if summary["final_loss"] is not None else "n/a")]
+    lm = summary.get("language_model") or {}
+    if "loss" in lm:
+        rows.append((f"held-out loss ({lm['split']})", f"{lm['loss']:.4f} nats/token, perplexity {lm['perplexity']:.2f}, "
+                                                      f"accuracy {lm['accuracy']:.1f}% ({lm['tokens']:,} tokens)"))
+    elif "skipped" in lm:
+        rows.append(("held-out loss", f"skipped: {lm['skipped']}"))
     rows += _knn_rows(summary.get("knn", {}))
     rows += _time_rows(t)
-    if t.get("images_per_second"):
-        rows.append(("throughput", f"{t['images_per_second']:.0f} images/s"))
+    for unit in ("images", "tokens"):
+        if t.get(f"{unit}_per_second"):
+            rows.append(("throughput", f"{t[f'{unit}_per_second']:.0f} {unit}/s"))
     if summary["data"]["skipped_images"]:  # unreadable, over the pixel limit, a link already followed
         reasons = summary["data"].get("skip_reasons") or {}
         why = f" ({', '.join(f'{n} {reason}' for reason, n in reasons.items())})" if reasons else ""
@@ -184,7 +200,8 @@ def _check_eval_args(args: argparse.Namespace) -> None:
     """Settings out of range fail here, in one line, before a checkpoint is loaded or a feature computed."""
     counts = []
     if args.protocol == "finetune" or (args.protocol == "linear" and args.solver != "lbfgs"):
-        counts.append(("--epochs", args.epochs, 1))
+        if args.epochs is not None:
+            counts.append(("--epochs", args.epochs, 1))
     if args.protocol == "fewshot":
         counts += [("--n-way", args.n_way, 2), ("--episodes", args.episodes, 1)]
     for name, value, least in counts:
@@ -215,6 +232,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         return cmd_finetune(args, overrides)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
     out = _result_path(args.out, path.parent / f"eval_{args.protocol}.json")
+    if args.protocol == "perplexity":
+        return _perplexity(method, cfg, path, out, args, device, precision)
     if method.use_channels_last(True):  # what training used; faster convs
         method = method.to(memory_format=torch.channels_last)
     feats = labeled_features(method, cfg, device=device, source=args.data, train_split=args.train_split,
@@ -232,7 +251,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
         result = logistic_regression(*feats[:4])
     elif args.protocol == "linear":
-        result = run_linear(feats, epochs=args.epochs, optimizer=args.solver, seed=cfg.trainer.seed)
+        result = run_linear(feats, epochs=args.epochs or 100, optimizer=args.solver, seed=cfg.trainer.seed)
     elif args.protocol == "fewshot":
         try:
             result = few_shot(feats[2], feats[3], n_way=args.n_way, episodes=args.episodes, seed=cfg.trainer.seed)
@@ -249,6 +268,24 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _perplexity(method, cfg, path: Path, out: Path, args: argparse.Namespace, device, precision: str) -> int:
+    """Held-out loss, perplexity and token accuracy of a language model (CLM, MLM, T5)."""
+    from selfsup.checkpoint import write_text_atomic
+    from selfsup.eval import format_table
+    from selfsup.evaluate import language_model_scores
+
+    try:
+        scores = language_model_scores(method, cfg, device=device, split=args.test_split, source=args.data,
+                                       precision=precision)
+    except NotImplementedError as err:
+        raise ConfigError(str(err)) from None
+    result = {"protocol": "perplexity", "checkpoint": str(path), "data": args.data or cfg.data.source, **scores}
+    write_text_atomic(out, json.dumps(result, indent=2, default=float))
+    print(format_table(result))
+    print(f"saved {out}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------
 # export / methods
 
@@ -257,14 +294,17 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     from selfsup.checkpoint import write_text_atomic
     from selfsup.eval import format_table
     from selfsup.eval.finetune import finetune
-    from selfsup.evaluate import eval_device, load_method, load_split
+    from selfsup.evaluate import eval_device, load_feature_split, load_method, load_split
 
     device, _ = eval_device(args.device)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
     out = _result_path(args.out, path.parent / "eval_finetune.json")
-    train = load_split(cfg, args.train_split or cfg.data.train_split, args.data)
-    test = load_split(cfg, args.test_split or cfg.data.test_split, args.data)
-    result = finetune(method, train, test, epochs=args.epochs, device=device, seed=cfg.trainer.seed)
+    # images are augmented from the raw split; texts come as tokenized examples
+    load = load_feature_split if "text" in method.modalities else load_split
+    train = load(cfg, args.train_split or cfg.data.train_split, args.data)
+    test = load(cfg, args.test_split or cfg.data.test_split, args.data)
+    epochs = args.epochs or (3 if load is load_feature_split else 100)  # BERT: 3 epochs; MAE ViT-B: 100
+    result = finetune(method, train, test, epochs=epochs, device=device, seed=cfg.trainer.seed)
     result = {"protocol": "finetune", "checkpoint": str(path), "data": args.data or cfg.data.source, **result}
     write_text_atomic(out, json.dumps(result, indent=2, default=float))
     print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss", "lr", "recipe")}))
@@ -322,7 +362,7 @@ def cmd_tokenizer(args: argparse.Namespace, overrides: list[str]) -> int:
     method = build_method(cfg)
     if not isinstance(method, BEiT):
         raise SelfSupError(f"method {cfg.method.name!r} has no tokenizer to fit (use a beit recipe)")
-    dataset = get_modality("image").open(cfg.data, cfg.data.train_split).dataset  # data.mode's choice
+    dataset = get_modality("image").open(cfg, cfg.data.train_split).dataset  # data.mode's choice
     dataset = limit_dataset(dataset, cfg.data.limit)
     method = method.to(resolve_device(args.device or cfg.trainer.device))
     stats = method.fit_tokenizer(tokenizer_images(dataset))
@@ -403,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
-    ev.add_argument("protocol", choices=["knn", "linear", "fewshot", "diagnose", "finetune"])
+    ev.add_argument("protocol", choices=["knn", "linear", "fewshot", "diagnose", "finetune", "perplexity"])
     ev.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory")
     ev.add_argument("--data", help="labeled data to evaluate on (default: the pretraining data)")
     ev.add_argument("--train-split", help="split used as kNN bank / probe training set")
@@ -411,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="JSON file for the results (default: RUN/eval_<protocol>.json)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--precision", choices=["32", "bf16-mixed", "16-mixed"])
-    ev.add_argument("--epochs", type=int, default=100, help="linear probe / fine-tuning epochs")
+    ev.add_argument("--epochs", type=int, help="linear probe / fine-tuning epochs (default 100; fine-tuning a "
+                    "text encoder: 3, BERT's)")
     ev.add_argument("--solver", choices=["sgd", "adamw", "lbfgs"], default="sgd",
                     help="linear probe: SGD/AdamW on cached features, or L-BFGS logistic regression")
     ev.add_argument("--n-way", type=int, default=5, help="few-shot classes per episode")

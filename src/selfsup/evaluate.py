@@ -4,6 +4,8 @@ protocol, return a JSON-able dict."""
 
 from __future__ import annotations
 
+import math
+import sys
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -46,15 +48,17 @@ def load_split(cfg: Config, split: str, source: str | None = None):
 
 
 def load_feature_split(cfg: Config, split: str, source: str | None = None):
-    """A split to embed, opened as ``data.mode`` says (data/modes.py): in memory, or streamed from its
-    folder with every image prepared for evaluation in the loader workers (resize, centre crop to
-    the method's eval size, ``augment.views.0.size``), so a bank of any size can be embedded."""
+    """A labeled split to embed, read by the reader of the method's modality for evaluation. Images
+    are opened as ``data.mode`` says (data/modes.py): in memory, or streamed from their folder with
+    every image prepared in the loader workers (resize, centre crop to the method's eval size,
+    ``augment.views.0.size``), so a bank of any size can be embedded; texts are tokenized examples."""
     from selfsup.data.modes import is_folder_source
-    from selfsup.modalities.image import IMAGE
+    from selfsup.registry import get_method, get_modality
 
     src = source or cfg.data.source
     mode = cfg.data.mode if is_folder_source(src) else "auto"  # a run streamed from a folder, evaluated on CIFAR
-    return IMAGE.open(replace(cfg.data, source=src, mode=mode), split, eval_size=cfg.augment.views[0].size).dataset
+    modality = get_modality(get_method(cfg.method.name).modalities[0])
+    return modality.open(replace(cfg, data=replace(cfg.data, source=src, mode=mode)), split, evaluation=True).dataset
 
 
 def embed_dataset(method: Method, dataset, *, device: torch.device, batch_size: int = 512,
@@ -187,6 +191,45 @@ def _mean_knn(results: list[dict]) -> dict:
         out[k] = {name: sum(v) / len(v) for name, v in scores.items()}
         out[k].update(top1_min=min(scores["top1"]), top1_max=max(scores["top1"]))
     return out
+
+
+def language_model_scores(method: Method, cfg: Config, *, device: torch.device, split: str | None = None,
+                          source: str | None = None, precision: str = "32", max_batches: int | None = None) -> dict:
+    """Held-out language-model scores of a text method on ``split`` (default ``data.test_split``) read
+    as training blocks on the unshifted grid: the mean loss per predicted token in nats, its
+    perplexity ``exp(loss)`` and the top-1 accuracy (next token for causal LMs, the selected
+    tokens for masked ones, the target spans for T5), over ``tokens`` predictions."""
+    from tqdm import tqdm
+
+    from selfsup.data.loader import make_loader
+    from selfsup.registry import get_modality
+
+    src, split = source or cfg.data.source, split or cfg.data.test_split
+    opened = get_modality(method.modalities[0]).open(replace(cfg, data=replace(cfg.data, source=src)), split)
+    loader = make_loader(opened.dataset, cfg.data.eval_batch_size, shuffle=False, drop_last=False)
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    autocast = nullcontext()
+    if precision in ("bf16-mixed", "16-mixed"):
+        autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+    sums = {"nll": 0.0, "correct": 0.0, "count": 0.0}
+    was_training = method.training
+    method.eval()
+    try:
+        bar = tqdm(loader, total=total, desc=f"scoring {split}", leave=False, disable=total < 5 or not sys.stderr.isatty())
+        with autocast:
+            for i, batch in enumerate(bar):
+                if i >= total:
+                    break
+                scores = method.lm_scores({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                for k in sums:
+                    sums[k] += scores[k]
+    finally:
+        method.train(was_training)
+    if not sums["count"]:
+        raise DataError(f"{src} split {split!r} gave no tokens to score")
+    loss = sums["nll"] / sums["count"]
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": 100.0 * sums["correct"] / sums["count"],
+            "tokens": int(sums["count"]), "split": split, "data": opened.note}
 
 
 def eval_device(pref: str = "auto") -> tuple[torch.device, str]:

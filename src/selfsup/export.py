@@ -28,11 +28,15 @@ from selfsup.errors import CheckpointError, ExportError
 
 
 def export_encoder(checkpoint: str | Path, out: str | Path) -> dict:
-    """Write the backbone of ``checkpoint`` to ``out`` (atomically); returns the metadata."""
+    """Write the backbone of ``checkpoint`` to ``out`` (atomically); returns the metadata. A text
+    encoder is written as a folder (``export_text_encoder``)."""
+    from selfsup.backbones.text import TextEncoder
     from selfsup.evaluate import load_method
 
     method, cfg, path = load_method(checkpoint)
     encoder = method.export_backbone()  # the one encode() reads (I-JEPA: context or EMA target)
+    if isinstance(encoder, TextEncoder):
+        return export_text_encoder(method, cfg, path, out)
     tensors = encoder.export_state_dict()
     backbone = cfg.to_dict()["backbone"]
     built_size = getattr(getattr(encoder.model, "patch_embed", None), "img_size", None)
@@ -62,11 +66,89 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> dict:
     return {**meta, "tensors": len(tensors), "path": str(out)}
 
 
+def _write_safetensors(tensors: dict, out: Path, meta: dict) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, out)
+    except (OSError, SafetensorError) as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise ExportError(f"could not write {out}: {err}") from None
+
+
+def export_text_encoder(method, cfg, path: Path, out: str | Path) -> dict:
+    """A text encoder as a folder ``out``: ``model.safetensors`` and ``config.json`` under Hugging Face
+    ``transformers`` names where an architecture computes the same function (``GPT2Model`` for a
+    causal pre-LN encoder, ``BertModel`` for a post-LN one; ``AutoModel.from_pretrained(out)`` loads
+    it), else selfsup's own names (``load_encoder(out)``); ``tokenizer.json`` (+ its
+    ``tokenizer_config.json``) always; ``selfsup.json``, what selfsup needs to rebuild it.
+
+    Written into a hidden sibling folder, then renamed: an interrupted export leaves no half folder."""
+    import shutil
+
+    from selfsup.backbones.text import hf_export
+    from selfsup.checkpoint import write_text_atomic
+
+    encoder = method.export_backbone()
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        raise ExportError(f"a text encoder exports as a folder (weights, config.json, tokenizer.json); give a "
+                          f"folder path instead of {out}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder; give a new folder for the export")
+    mapped = hf_export(encoder, causal=method.causal)
+    backbone = cfg.to_dict()["backbone"]
+    meta = {"format": "selfsup-encoder/1", "library": "transformers" if not isinstance(mapped, str) else "selfsup",
+            "backbone": json.dumps(backbone), "method": cfg.method.name, "out_dim": str(encoder.out_dim),
+            "source_checkpoint": str(path), "causal": str(method.causal)}
+    note = ("load with transformers.AutoModel.from_pretrained(folder) and AutoTokenizer; "
+            f"features: {'the mean of the hidden states over real tokens' if encoder.pool == 'mean' else 'the first token'}"
+            if not isinstance(mapped, str) else
+            f"no transformers architecture: {mapped}; load with selfsup.export.load_encoder(folder)")
+    meta["note"] = note
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        if isinstance(mapped, str):
+            tensors = {k: v.detach().float().contiguous().clone() for k, v in encoder.model.state_dict().items()}
+        else:
+            tensors, hf_config = mapped
+            write_text_atomic(tmp / "config.json", json.dumps(hf_config, indent=2))
+        _write_safetensors(tensors, tmp / "model.safetensors", meta)
+        tok = encoder.tokenizer
+        if tok is not None:
+            tok.save(tmp / "tokenizer.json")
+            special = {"pad_token": tok.token(tok.pad_id) if tok.has("pad") else None,
+                       "unk_token": tok.token(tok._ids["unk"]) if tok.has("unk") else None,
+                       "mask_token": tok.token(tok.mask_id) if tok.has("mask") else None,
+                       "sep_token": tok.token(tok.sep_id) if tok.has("sep") else None,
+                       "cls_token": tok.token(tok.cls_id) if tok.has("cls") else None}
+            write_text_atomic(tmp / "tokenizer_config.json", json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": encoder.max_len,
+                 **{k: v for k, v in special.items() if v is not None}}, indent=2))
+        write_text_atomic(tmp / "selfsup.json", json.dumps({k: v for k, v in meta.items()}, indent=2))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"could not write {out}: {err}") from None
+    return {**meta, "tensors": len(tensors), "path": str(out)}
+
+
 def load_encoder(path: str | Path) -> torch.nn.Module:
     """Rebuild the exported encoder (a torchvision/timm module) and load its weights."""
     from selfsup.backbones import build_backbone
     from selfsup.config import from_dict
 
+    if Path(path).is_dir():  # a text encoder's folder
+        meta = json.loads((Path(path) / "selfsup.json").read_text()) if (Path(path) / "selfsup.json").is_file() else {}
+        if meta.get("library") != "selfsup":
+            raise CheckpointError(f"{path} holds transformers weights: load it with "
+                                  "transformers.AutoModel.from_pretrained(folder)")
+        return _load_text_encoder(Path(path), meta)
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -79,3 +161,22 @@ def load_encoder(path: str | Path) -> torch.nn.Module:
     model = build_backbone(cfg).model
     model.load_state_dict(state)
     return model.eval()
+
+
+def _load_text_encoder(folder: Path, meta: dict) -> torch.nn.Module:
+    """The TextEncoder of an export folder in selfsup's names, with its tokenizer."""
+    from selfsup.backbones import build_backbone
+    from selfsup.config import from_dict
+    from selfsup.pretext.text_tokenizer import load_tokenizer
+
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:
+        raise CheckpointError(f"{folder / 'model.safetensors'} is not a readable safetensors file: {err}") from None
+    cfg = from_dict(BackboneConfig, {**json.loads(meta["backbone"]), "tokenizer": None}, "backbone")
+    encoder = build_backbone(cfg)
+    encoder.model.load_state_dict(state)
+    if (folder / "tokenizer.json").is_file():
+        encoder.tokenizer = load_tokenizer(folder / "tokenizer.json")
+    return encoder.eval()

@@ -144,16 +144,17 @@ class _Model:
         """The test split, subsampled to ``max_points`` with a seeded permutation."""
 
         def build():
-            from selfsup.data import ImageArrayDataset
-            from selfsup.evaluate import load_split
+            from selfsup.evaluate import load_feature_split, load_split
 
-            _, cfg = self.method
-            full = load_split(cfg, cfg.data.test_split, self.data)
+            method, cfg = self.method
+            if "image" in method.modalities:
+                full = load_split(cfg, cfg.data.test_split, self.data)
+            else:  # other modalities: their labeled evaluation samples (texts: tokenized examples)
+                full = load_feature_split(cfg, cfg.data.test_split, self.data)
             if len(full) > self.max_points:
                 keep = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed))
                 keep = keep[: self.max_points].sort().values
-                return ImageArrayDataset(full.images[keep], full.labels[keep], full.classes,
-                                         name=f"{full.name}[{self.max_points} of {len(full)}]")
+                return full.subset(keep, name=f"{full.name}[{self.max_points} of {len(full)}]")
             return full
 
         return self._get("test split", build)
@@ -169,9 +170,35 @@ class _Model:
 
         return self._get("features", build)
 
+    def texts(self, n: int) -> list[str]:
+        """``n`` test texts: the labeled test split's, else (a plain corpus) held-out blocks decoded."""
+        try:
+            texts = getattr(self.dataset, "texts", None)
+        except _Skip:
+            texts = None
+        if texts:
+            return list(texts[:n])
+
+        def build():
+            from dataclasses import replace
+
+            from selfsup.registry import get_modality
+
+            method, cfg = self.method
+            src = self.data or cfg.data.source
+            blocks = get_modality(method.modalities[0]).open(replace(cfg, data=replace(cfg.data, source=src)),
+                                                             cfg.data.test_split).dataset
+            step = max(1, len(blocks) // n)
+            batch = blocks.gather(torch.arange(0, min(len(blocks), n * step), step))["tokens"]
+            return [method.tokenizer.decode(row.tolist(), skip_special=True) for row in batch]
+
+        return self._get("held-out texts", build)
+
     def pictures(self, n: int = _N_PICTURES) -> tuple[torch.Tensor, list[str]]:
         """``n`` test images (uint8), one per class first so the grid shows variety, with titles."""
         ds = self.dataset
+        if not hasattr(ds, "images"):
+            raise _Skip("the test split holds no images")
         labels = ds.labels
         order: list[int] = []
         if ds.has_labels:

@@ -97,6 +97,10 @@ def _header_rows(summary: dict, cfg_tree: dict, metrics: dict[str, np.ndarray]) 
     if final_loss is None and _has(metrics, "loss"):
         final_loss = float(_series(metrics, "loss")[1][-1])
     rows.append(("final loss", _fmt(final_loss)))
+    lm = summary.get("language_model") or {}
+    if "loss" in lm:
+        rows.append((f"held-out loss ({lm['split']})", f"{lm['loss']:.4f} nats/token, perplexity "
+                                                      f"{lm['perplexity']:.2f}, token accuracy {lm['accuracy']:.1f}%"))
     trained, rand = _final_knn(summary)
     for k, res in trained.items():
         text = f"{res['top1']:.2f}%" + (f" (top-5 {res['top5']:.2f}%)" if "top5" in res else "")
@@ -112,8 +116,9 @@ def _header_rows(summary: dict, cfg_tree: dict, metrics: dict[str, np.ndarray]) 
     t = summary.get("timings") or {}
     if t:
         parts = [f"training {_fmt(t.get('train_seconds'), '.1f')} s"]
-        if t.get("images_per_second"):
-            parts.append(f"{t['images_per_second']:.0f} images/s")
+        for unit in ("images", "tokens"):
+            if t.get(f"{unit}_per_second"):
+                parts.append(f"{t[f'{unit}_per_second']:.0f} {unit}/s")
         total = t.get("total_seconds_this_session", t.get("wall_seconds_this_session"))
         if total is not None:
             parts.append(f"session total {total:.1f} s")

@@ -11,6 +11,7 @@ from selfsup.report.figures.embedding import fig_embedding
 from selfsup.report.figures.knn import fig_knn
 from selfsup.report.figures.loss import fig_loss
 from selfsup.report.figures.metrics import fig_metrics
+from selfsup.report.figures.predictions import fig_predictions
 from selfsup.report.figures.monitor import fig_monitor
 from selfsup.report.figures.prototypes import fig_prototypes
 from selfsup.report.figures.reconstruction import fig_reconstruction
@@ -18,7 +19,7 @@ from selfsup.report.figures.schedules import fig_schedules
 from selfsup.train.monitor import STD_ALARM, UNIFORM_ALARM
 
 __all__ = ["FIGURES", "fig_attention", "fig_embedding", "fig_knn", "fig_loss", "fig_metrics", "fig_monitor",
-           "fig_prototypes", "fig_reconstruction", "fig_schedules"]
+           "fig_predictions", "fig_prototypes", "fig_reconstruction", "fig_schedules"]
 
 # (file stem, title, caption, draw)
 FIGURES: list[tuple[str, str, str, Callable]] = [
@@ -46,4 +47,6 @@ FIGURES: list[tuple[str, str, str, Callable]] = [
      "effective number of prototypes in use.", fig_prototypes),
     ("reconstruction", "Reconstructions", "Originals, the masked inputs the encoder saw, and the decoder's "
      "reconstructions.", fig_reconstruction),
+    ("predictions", "Predictions", "Language models on test texts: masked tokens as [original→top-3 guesses], or "
+     "a prompt >> the greedy continuation.", fig_predictions),
 ]
