@@ -23,6 +23,18 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
     recipe, overrides = RECIPES[name]
     model = selfsup.create(load_config(recipe, [*overrides, "trainer.precision=32"]))
     assert isinstance(model, getattr(selfsup, type(model).__name__))  # reachable by class name
+    if "text" in model.modalities:  # token blocks in, a pooled sequence feature out
+        ids = torch.randint(5, model.backbone.vocab_size, (4, 17), generator=torch.Generator().manual_seed(3))
+        loss, metrics = model({"tokens": ids})
+        assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad and isinstance(metrics, dict)
+        model.eval()
+        mask = torch.ones(4, 16, dtype=torch.int64)
+        mask[0, 10:] = 0
+        with torch.no_grad():
+            feats = model.encode(ids[:, :16], mask)
+            assert feats.shape == (4, model.encoder.out_dim)
+            assert torch.equal(model.encoder(ids[:, :16], mask, causal=model.causal), feats)
+        return
     if name == "beit":  # BEiT's visual tokenizer is fitted on data before training
         model.fit_tokenizer(_images(64))
     loss, metrics = model({"images": _images()})
