@@ -141,21 +141,22 @@ def render(rows: list[dict]) -> str:
     by_method: dict[str, list[dict]] = {}
     for r in rows:
         by_method.setdefault(r["method"], []).append(r)
+    def gain_row(method: str, rs: list[dict], label: str, field: str, key: str) -> str:
+        """One table row: ``rs[*]["trained_<field>"][key]`` against ``random_<field>``, seed by seed."""
+        t = [r[f"trained_{field}"][key] for r in rs]
+        z = [r[f"random_{field}"][key] for r in rs]
+        gain = [a - b for a, b in zip(t, z)]
+        return (f"| `{method}` | {len(rs)} | {rs[0]['steps']} | {label} | {ms(t)} | {ms(z)} | "
+                f"{statistics.mean(gain):+.1f} (min {min(gain):+.1f}) |")
+
     for method, rs in by_method.items():
         for probe_name, label in (("sst2", "SST-2"), ("agnews", "AG News")):
             for key, what in (("linear_top1", "linear"), ("knn_top1", "kNN")):
-                t = [r[f"trained_{probe_name}"][key] for r in rs]
-                z = [r[f"random_{probe_name}"][key] for r in rs]
-                gain = [a - b for a, b in zip(t, z)]
-                out.append(f"| `{method}` | {len(rs)} | {rs[0]['steps']} | {label} {what} | {ms(t)} | {ms(z)} | "
-                           f"{statistics.mean(gain):+.1f} (min {min(gain):+.1f}) |")
+                out.append(gain_row(method, rs, f"{label} {what}", probe_name, key))
         if "trained_finetune_sst2" in rs[0]:
-            t = [r["trained_finetune_sst2"]["top1"] for r in rs]
-            z = [r["random_finetune_sst2"]["top1"] for r in rs]
             ft = rs[0]["trained_finetune_sst2"]
-            gain = [a - b for a, b in zip(t, z)]
-            out.append(f"| `{method}` | {len(rs)} | {rs[0]['steps']} | SST-2 fine-tuned ({ft['epochs']} epoch(s), "
-                       f"{ft['train']:,} phrases) | {ms(t)} | {ms(z)} | {statistics.mean(gain):+.1f} (min {min(gain):+.1f}) |")
+            label = f"SST-2 fine-tuned ({ft['epochs']} epoch(s), {ft['train']:,} phrases)"
+            out.append(gain_row(method, rs, label, "finetune_sst2", "top1"))
         if "trained_heldout" in rs[0]:
             t = [r["trained_heldout"]["accuracy"] for r in rs]
             z = [r["random_heldout"]["accuracy"] for r in rs]
