@@ -88,6 +88,9 @@ class Method(nn.Module):
     figures: ClassVar[tuple[str, ...]] = ()
     # what throughput counts (logs, progress bar, summary's <unit>_per_second): images, tokens, ...
     unit: ClassVar[str] = "images"
+    # the side evaluation inputs are prepared at (image methods set it from their first view); part of
+    # the feature cache's key, None where inputs have no size (token ids)
+    eval_size: int | None = None
 
     def __init__(self, cfg: Any, backbone: nn.Module, augment: Any = None) -> None:
         super().__init__()

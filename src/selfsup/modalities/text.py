@@ -54,7 +54,6 @@ class TextMethod(Method):
 
         if not isinstance(backbone, TextEncoder):
             raise ConfigError(f"{self.name} needs a text encoder (text_tiny ... text_base), got {type(backbone).__name__}")
-        self.eval_size = None  # images have one; the feature cache key reads it
 
     @classmethod
     def sentinels(cls, method_cfg: Any) -> int:
