@@ -35,6 +35,16 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
             assert feats.shape == (4, model.encoder.out_dim)
             assert torch.equal(model.encoder(ids[:, :16], mask, causal=model.causal), feats)
         return
+    if "series" in model.modalities:  # windows (B, C, T) in, each channel's pooled tokens side by side out
+        x = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(3))
+        loss, metrics = model({"series": x})
+        assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad and isinstance(metrics, dict)
+        model.eval()
+        with torch.no_grad():
+            feats = model.encode(x)
+            assert feats.shape == (4, 7 * model.encoder.out_dim)
+            assert torch.equal(model.encoder(x), feats) and torch.equal(model.embed({"series": x}), feats)
+        return
     if name == "beit":  # BEiT's visual tokenizer is fitted on data before training
         model.fit_tokenizer(_images(64))
     loss, metrics = model({"images": _images()})

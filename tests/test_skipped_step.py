@@ -34,6 +34,12 @@ TEXT_TINY = ["data.source=embedded-text", "data.tokenizer=char", "data.seq_len=1
              "backbone.name=text_tiny", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
              "optim.name=adamw", "optim.lr=1e-3", "optim.lr_scaling=none", "eval.final_knn=false"]
 
+# a tiny PatchTST run on the embedded ETTh1 (dropout on: its masks must replay too)
+SERIES_TINY = ["data.source=embedded-series", "data.seq_len=32", "data.batch_size=4", "backbone.name=patchtst",
+               "backbone.patch_size=8", "backbone.embed_dim=16", "backbone.depth=1", "backbone.num_heads=2",
+               "backbone.dropout=0.1", "optim.name=adamw", "optim.lr=1e-3", "optim.lr_scaling=none",
+               "eval.final_knn=false"]
+
 # (recipe, overrides) per method, with every piece of state switched on: SwAV's queue from the first
 # step, DINOv2's centres (its default Sinkhorn centering keeps none)
 RECIPES = {
@@ -56,6 +62,7 @@ RECIPES = {
     "data2vec2": (None, D2V_TINY),
     **{name: (None, [f"method.name={name}", *TEXT_TINY]) for name in ("clm", "mlm", "t5")},
     "data2vec_text": (None, ["method.name=data2vec_text", "method.top_k=2", *TEXT_TINY]),
+    "patchtst": (None, ["method.name=patchtst", *SERIES_TINY]),
 }
 
 
@@ -76,12 +83,16 @@ def _trainer(name: str, path) -> Trainer:
 def _poison(method: torch.nn.Module, on: dict) -> None:
     """While ``on["nan"]``, every augmented view comes out NaN (the methods make their views with
     ``Augment`` modules) and so does every input of the backbone's ``forward`` (jigsaw cuts its
-    tiles itself); text methods: every token embedding (token ids cannot be NaN)."""
+    tiles itself); text methods: every token embedding (token ids cannot be NaN); series methods:
+    every patch embedding (the BatchNorm statistics after it must not move)."""
     def nan(x):
         return torch.full_like(x, float("nan")) if on["nan"] else x
 
     if "text" in method.modalities:
         method.backbone.model.tok_embed.register_forward_hook(lambda module, args, out: nan(out))
+        return
+    if "series" in method.modalities:
+        method.backbone.model.patch_embed.register_forward_hook(lambda module, args, out: nan(out))
         return
     hooked = [m.register_forward_hook(lambda module, args, out: nan(out))
               for m in method.modules() if isinstance(m, Augment)]

@@ -95,7 +95,14 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
                                                               precision=trainer.precision)
         except SelfSupError as err:
             summary["language_model"] = {"skipped": str(err)}
-    if cfg.eval.final_knn and summary["finished"]:
+    if cfg.eval.final_knn and summary["finished"] and _forecasts(trainer.method, cfg):
+        from selfsup.evaluate import final_forecast
+
+        try:  # a long series has no labels: it is judged by forecasting with the frozen encoder
+            summary["forecast"] = final_forecast(trainer.method, cfg, trainer.device, trainer.precision)
+        except SelfSupError as err:
+            summary["forecast"] = {"skipped": str(err)}
+    elif cfg.eval.final_knn and summary["finished"]:
         try:
             summary["knn"] = final_knn(trainer.method, cfg, trainer.device, trainer.precision)
         except SelfSupError as err:  # unlabeled data: training is still fine, say why no kNN
@@ -106,6 +113,15 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     write_summary(summary, trainer.run_dir)
     _print_pretrain_summary(summary)
     return 0
+
+
+def _forecasts(method, cfg) -> bool:
+    """Whether a run is judged by forecasting: a series method on one long series."""
+    if "series" not in method.modalities:
+        return False
+    from selfsup.data.series import is_long_series
+
+    return is_long_series(cfg.data.source)
 
 
 def _print_pretrain_summary(summary: dict) -> None:
@@ -120,8 +136,9 @@ def _print_pretrain_summary(summary: dict) -> None:
     elif "skipped" in lm:
         rows.append(("held-out loss", f"skipped: {lm['skipped']}"))
     rows += _knn_rows(summary.get("knn", {}))
+    rows += _forecast_rows(summary.get("forecast", {}))
     rows += _time_rows(t)
-    for unit in ("images", "tokens"):
+    for unit in ("images", "tokens", "series"):
         if t.get(f"{unit}_per_second"):
             rows.append(("throughput", f"{t[f'{unit}_per_second']:.0f} {unit}/s"))
     if summary["data"]["skipped_images"]:  # unreadable, over the pixel limit, a link already followed
@@ -163,6 +180,17 @@ def _knn_rows(knn: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _forecast_rows(forecast: dict) -> list[tuple[str, str]]:
+    """Test MSE / MAE of the frozen-encoder forecast per horizon, at random init and of the input window."""
+    if "skipped" in forecast:
+        return [("forecast", f"skipped: {forecast['skipped']}")]
+    if "horizons" not in forecast:
+        return []
+    from selfsup.eval.forecast import forecast_table
+
+    return [(f"forecast {name}", line) for name, line in forecast_table(forecast)]
+
+
 def _time_rows(t: dict) -> list[tuple[str, str]]:
     """Training time (in optimizer steps) and total time (setup, checkpoints, final kNN included); after
     a resume both cover every segment of the run, and the total of this session follows."""
@@ -199,7 +227,7 @@ def _check_output_file(path: Path, what: str) -> None:
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Settings out of range fail here, in one line, before a checkpoint is loaded or a feature computed."""
     counts = []
-    if args.protocol == "finetune" or (args.protocol == "linear" and args.solver != "lbfgs"):
+    if args.protocol in ("finetune", "forecast") or (args.protocol == "linear" and args.solver != "lbfgs"):
         if args.epochs is not None:
             counts.append(("--epochs", args.epochs, 1))
     if args.protocol == "fewshot":
@@ -234,6 +262,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     out = _result_path(args.out, path.parent / f"eval_{args.protocol}.json")
     if args.protocol == "perplexity":
         return _perplexity(method, cfg, path, out, args, device, precision)
+    if args.protocol == "forecast":
+        return _forecast(method, cfg, path, out, args, device, precision)
     if method.use_channels_last(True):  # what training used; faster convs
         method = method.to(memory_format=torch.channels_last)
     feats = labeled_features(method, cfg, device=device, source=args.data, train_split=args.train_split,
@@ -282,6 +312,27 @@ def _perplexity(method, cfg, path: Path, out: Path, args: argparse.Namespace, de
     result = {"protocol": "perplexity", "checkpoint": str(path), "data": args.data or cfg.data.source, **scores}
     write_text_atomic(out, json.dumps(result, indent=2, default=float))
     print(format_table(result))
+    print(f"saved {out}")
+    return 0
+
+
+def _forecast(method, cfg, path: Path, out: Path, args: argparse.Namespace, device, precision: str) -> int:
+    """Test MSE / MAE of a linear forecasting head on the frozen encoder, per horizon (eval/forecast.py)."""
+    from selfsup.checkpoint import write_text_atomic
+    from selfsup.eval.forecast import DEFAULT_HORIZONS, forecast_probe, forecast_table
+
+    if "series" not in method.modalities:
+        raise ConfigError(f"forecasting reads a time-series encoder; {cfg.method.name} is a "
+                          f"{'/'.join(method.modalities)} method")
+    horizons = tuple(args.horizons or DEFAULT_HORIZONS)
+    if min(horizons) < 1:
+        raise ConfigError(f"--horizons must be positive, got {list(horizons)}")
+    result = forecast_probe(method, cfg, device=device, source=args.data, horizons=horizons,
+                            epochs=args.epochs or cfg.eval.forecast_epochs, precision=precision)
+    result = {"checkpoint": str(path), **result}
+    write_text_atomic(out, json.dumps(result, indent=2, default=float))
+    _print_table(forecast_table(result), f"forecasting, {result['data']}, context {result['seq_len']} steps "
+                                         "(standardized MSE / MAE on the test split)")
     print(f"saved {out}")
     return 0
 
@@ -443,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
-    ev.add_argument("protocol", choices=["knn", "linear", "fewshot", "diagnose", "finetune", "perplexity"])
+    ev.add_argument("protocol", choices=["knn", "linear", "fewshot", "diagnose", "finetune", "perplexity", "forecast"])
     ev.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory")
     ev.add_argument("--data", help="labeled data to evaluate on (default: the pretraining data)")
     ev.add_argument("--train-split", help="split used as kNN bank / probe training set")
@@ -455,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "text encoder: 3, BERT's)")
     ev.add_argument("--solver", choices=["sgd", "adamw", "lbfgs"], default="sgd",
                     help="linear probe: SGD/AdamW on cached features, or L-BFGS logistic regression")
+    ev.add_argument("--horizons", type=int, nargs="+", help="forecast: steps ahead (default 96 192 336 720)")
     ev.add_argument("--n-way", type=int, default=5, help="few-shot classes per episode")
     ev.add_argument("--episodes", type=int, default=100, help="few-shot episodes")
     ev.set_defaults(func=cmd_eval)

@@ -88,7 +88,8 @@ class BackboneConfig:
     width: int = 64  # ResNets: channels of the first stage (64 = torchvision's; stages double it)
     zero_init_residual: bool = False  # ResNets: zero the last BN scale of each block (SimSiam app. A)
     img_size: int | None = None  # ViTs: input side (default: the first view's crop size)
-    patch_size: int | None = None  # ViTs: patch side (vit_*: default 16)
+    patch_size: int | None = None  # ViTs: patch side (vit_*: default 16); patchtst: steps per patch (12)
+    patch_stride: int | None = None  # patchtst: steps between patch starts (default: patch_size, no overlap)
     drop_path: float = 0.0
     # vit_tiny / vit_small / vit_base / vit_large (backbones/vit.py)
     pos_embed: str = "sincos"  # fixed 2-D sin-cos (MAE, I-JEPA, MoCo v3) or "learned"
@@ -98,7 +99,7 @@ class BackboneConfig:
     # text encoders (text_tiny ... text_base, backbones/text.py)
     vocab_size: int | None = None  # filled in from the tokenizer
     max_len: int | None = None  # positions (default: data.seq_len)
-    norm: str = "pre"  # pre-LayerNorm (GPT-2) or post (BERT)
+    norm: str | None = None  # pre or post-norm blocks; null: the encoder's own (text: pre, GPT-2; patchtst: post)
     bias: bool = True  # Linear and LayerNorm biases (nanoGPT's shakespeare_char: false)
     dropout: float = 0.0
     tokenizer: str | None = None  # the tokenizer file the encoder embeds (filled in from data.tokenizer)
@@ -114,13 +115,13 @@ class BackboneConfig:
         _check(self.width >= 4, "backbone.width", self.width, "must be >= 4")
         _check(self.pos_embed in ("sincos", "learned", "rotary"), "backbone.pos_embed", self.pos_embed,
                "must be sincos, learned or rotary (text encoders)")
-        _check(self.norm in ("pre", "post"), "backbone.norm", self.norm, "must be pre or post")
+        _check(self.norm in (None, "pre", "post"), "backbone.norm", self.norm, "must be pre or post (or null)")
         _check(0.0 <= self.dropout < 1.0, "backbone.dropout", self.dropout, "must be in [0, 1)")
         _check(self.pool in ("cls", "mean"), "backbone.pool", self.pool, "must be cls or mean")
         if self.layer_scale is not None:
             _check(self.layer_scale > 0, "backbone.layer_scale", self.layer_scale,
                    "must be > 0 (BEiT 0.1, DINOv2 1e-5), or null for none")
-        for key in ("img_size", "patch_size", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
+        for key in ("img_size", "patch_size", "patch_stride", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
             value = getattr(self, key)
             if value is not None:
                 _check(value >= 1, f"backbone.{key}", value, "must be >= 1 (or null for the default)")
@@ -257,11 +258,18 @@ class EvalConfig:
     # random inits to average (seeds trainer.seed, +1, ...): one init's kNN varies by ~3 points
     random_init_seeds: int = 3
     online_every: int = 0  # kNN on the labeled test split every N epochs during pretraining (0: off)
+    # a long time series (no labels): pretraining ends with forecasting at these horizons instead of
+    # kNN, a linear head on the frozen encoder (selfsup eval forecast), trained this many epochs
+    forecast_horizons: list[int] = field(default_factory=lambda: [96])
+    forecast_epochs: int = 20
 
     def validate(self) -> None:
         _check(len(self.knn_k) >= 1 and all(k >= 1 for k in self.knn_k), "eval.knn_k", self.knn_k,
                "must be a non-empty list of positive integers")
         _check(self.knn_temperature > 0, "eval.knn_temperature", self.knn_temperature, "must be > 0")
+        _check(len(self.forecast_horizons) >= 1 and all(h >= 1 for h in self.forecast_horizons),
+               "eval.forecast_horizons", self.forecast_horizons, "must be a non-empty list of positive integers")
+        _check(self.forecast_epochs >= 1, "eval.forecast_epochs", self.forecast_epochs, "must be >= 1")
         _check(self.online_every >= 0, "eval.online_every", self.online_every, "must be >= 0 (0 turns it off)")
         _check(self.random_init_seeds >= 1, "eval.random_init_seeds", self.random_init_seeds,
                "must be >= 1 (eval.compare_random_init=false turns the comparison off)")

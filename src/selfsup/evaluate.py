@@ -175,6 +175,31 @@ def final_knn(method: Method, cfg: Config, device: torch.device, precision: str)
     return result
 
 
+def final_forecast(method: Method, cfg: Config, device: torch.device, precision: str) -> dict:
+    """Forecasting at ``eval.forecast_horizons`` with a linear head on the frozen encoder (see
+    ``selfsup.eval.forecast``), of the trained encoder and, per horizon, of the same architecture at
+    random init (mean over ``eval.random_init_seeds`` inits, as ``final_knn``), beside the linear
+    head on the input window itself."""
+    from selfsup.eval.forecast import forecast_probe
+
+    horizons = tuple(cfg.eval.forecast_horizons)
+    result = forecast_probe(method, cfg, device=device, horizons=horizons, epochs=cfg.eval.forecast_epochs,
+                            precision=precision)
+    if cfg.eval.compare_random_init:
+        seeds = [cfg.trainer.seed + i for i in range(cfg.eval.random_init_seeds)]
+        runs = []
+        for seed in seeds:
+            rand = build_method(replace(cfg, trainer=replace(cfg.trainer, seed=seed))).to(device)
+            runs.append(forecast_probe(rand, cfg, device=device, horizons=horizons, epochs=cfg.eval.forecast_epochs,
+                                       precision=precision, baseline=False))
+        for h, row in result["horizons"].items():
+            scores = [r["horizons"][h]["encoder"] for r in runs]
+            row["random_init"] = {"mse": sum(s["mse"] for s in scores) / len(scores),
+                                  "mae": sum(s["mae"] for s in scores) / len(scores),
+                                  "mse_runs": [s["mse"] for s in scores], "seeds": seeds}
+    return result
+
+
 def _random_init_knn(method: Method, cfg: Config, seed: int, device: torch.device, precision: str) -> dict:
     """kNN of ``cfg``'s architecture freshly built with ``seed`` (``build_method`` seeds from the config)."""
     rand = build_method(replace(cfg, trainer=replace(cfg.trainer, seed=seed))).to(device)

@@ -139,7 +139,8 @@ def export_text_encoder(method, cfg, path: Path, out: str | Path) -> dict:
 
 
 def load_encoder(path: str | Path) -> torch.nn.Module:
-    """Rebuild the exported encoder (a torchvision/timm module) and load its weights."""
+    """Rebuild the exported encoder and load its weights: the torchvision / timm module itself, or for
+    selfsup's own encoders (time series) the selfsup backbone, whose ``forward`` is the pooled feature."""
     from selfsup.backbones import build_backbone
     from selfsup.config import from_dict
 
@@ -158,9 +159,9 @@ def load_encoder(path: str | Path) -> torch.nn.Module:
     if meta.get("format") != "selfsup-encoder/1":
         raise CheckpointError(f"{path} was not written by `selfsup export` (no selfsup metadata)")
     cfg = from_dict(BackboneConfig, json.loads(meta["backbone"]), "backbone")
-    model = build_backbone(cfg).model
-    model.load_state_dict(state)
-    return model.eval()
+    backbone = build_backbone(cfg)
+    backbone.model.load_state_dict(state)
+    return (backbone if backbone.family == "selfsup" else backbone.model).eval()
 
 
 def _load_text_encoder(folder: Path, meta: dict) -> torch.nn.Module:

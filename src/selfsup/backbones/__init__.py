@@ -110,5 +110,6 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
 # registers vit_tiny / vit_small / vit_base / vit_large (imported last: vit.py subclasses Backbone)
 from selfsup.backbones.vit import ViT, sincos_2d_pos_embed  # noqa: E402
 from selfsup.backbones.text import TextEncoder  # noqa: E402  (text_tiny ... text_base)
+from selfsup.backbones.series import PatchTST  # noqa: E402  (patchtst)
 
-__all__ = ["Backbone", "TextEncoder", "ViT", "build_backbone", "sincos_2d_pos_embed"]
+__all__ = ["Backbone", "PatchTST", "TextEncoder", "ViT", "build_backbone", "sincos_2d_pos_embed"]

@@ -278,7 +278,7 @@ def build_text_encoder(cfg: BackboneConfig) -> TextEncoder:
         if Path(cfg.tokenizer).expanduser().exists():  # else: a checkpoint's state brings it
             tokenizer = load_tokenizer(cfg.tokenizer)
     return TextEncoder(vocab_size=cfg.vocab_size, max_len=cfg.max_len or 512, embed_dim=dim, depth=depth,
-                       num_heads=heads, norm=cfg.norm, pos_embed=cfg.pos_embed, pool=cfg.pool if cfg.pool == "cls" else "mean",
+                       num_heads=heads, norm=cfg.norm or "pre", pos_embed=cfg.pos_embed, pool=cfg.pool if cfg.pool == "cls" else "mean",
                        bias=cfg.bias, dropout=cfg.dropout, tokenizer=tokenizer)
 
 

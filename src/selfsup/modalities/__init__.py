@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("image", "text")
+MODULES = ("image", "text", "series")
 """One per modality: importing it registers the modality."""
 
 

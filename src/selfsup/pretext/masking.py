@@ -23,6 +23,8 @@ Generators (paper, official code the details follow):
   2023, "Efficient Self-supervised Learning with Contextualized Target Representations for
   Vision, Speech and Language", ICML), ``fairseq/data/data_utils.py:compute_block_mask_2d``
   with ``inverse_mask=True``.
+* :func:`span_masking` / :func:`future_masking`: masks over a 1-D sequence of patches (time
+  series): contiguous spans at random places, or the last patches (a forecast-shaped mask).
 * :func:`mask_to_indices`: boolean masks with equal counts per row to keep/masked index tensors.
 """
 
@@ -42,6 +44,9 @@ __all__ = [
     "block_masking",
     "multiblock_masking",
     "inverse_block_masking",
+    "span_masking",
+    "future_masking",
+    "sequence_mask",
     "mask_to_indices",
 ]
 
@@ -421,6 +426,72 @@ def inverse_block_masking(batch: int, grid: Grid, mask_ratio: float = 0.8, *,
         kept.scatter_(1, index, True)
     kept = _exact_count(kept, n - round(n * mask_ratio), generator)
     return ~kept
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-D sequences (time series)
+
+
+def _masked_count(num_patches: int, ratio: float) -> int:
+    """M = N - int(N (1 - ratio)): MAE's and PatchTST's count of masked patches."""
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"mask ratio must be in [0, 1), got {ratio}")
+    return num_patches - int(num_patches * (1 - ratio))
+
+
+def span_masking(batch: int, num_patches: int, ratio: float, span: int, *,
+                 device: torch.device | str | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """(B, N) bool, True = masked: exactly M = N - int(N (1 - ratio)) patches per row, in
+    k = ceil(M / span) contiguous spans of ``span`` patches (the last one shorter when span does not
+    divide M) at random places: each row's K = N - M visible patches and k spans are laid out in a
+    uniformly random order of the K + k items, so two spans drawn next to each other read as one
+    longer span."""
+    if span < 1:
+        raise ConfigError(f"mask span must be >= 1 patch, got {span}")
+    device = _device(device, generator)
+    masked = _masked_count(num_patches, ratio)
+    if masked == 0:
+        return torch.zeros((batch, num_patches), dtype=torch.bool, device=device)
+    spans = math.ceil(masked / span)
+    visible = num_patches - masked
+    slots = visible + spans
+    # which of the K + k slots hold spans: the k smallest of uniform noise
+    rank = torch.argsort(torch.argsort(_rand((batch, slots), generator, device), dim=1), dim=1)
+    is_span = rank < spans
+    span_no = torch.cumsum(is_span.long(), 1) - 1  # 0..k-1 in order along the row, on span slots
+    last = masked - span * (spans - 1)
+    length = torch.where(is_span, torch.where(span_no == spans - 1, last, span), 1)
+    start = torch.cumsum(length, 1) - length
+    delta = torch.zeros((batch, num_patches + 1), dtype=torch.long, device=device)
+    ones = is_span.long()
+    delta.scatter_add_(1, start, ones)
+    delta.scatter_add_(1, (start + length).clamp_max(num_patches), -ones)
+    return torch.cumsum(delta[:, :num_patches], 1) > 0
+
+
+def future_masking(batch: int, num_patches: int, ratio: float, *,
+                   device: torch.device | str | None = None) -> Tensor:
+    """(B, N) bool: the last M = N - int(N (1 - ratio)) patches of every row masked (the visible
+    past predicts the hidden future, a forecasting-shaped mask)."""
+    masked = _masked_count(num_patches, ratio)
+    mask = torch.zeros((batch, num_patches), dtype=torch.bool, device=device)
+    mask[:, num_patches - masked:] = True
+    return mask
+
+
+def sequence_mask(kind: str, batch: int, num_patches: int, ratio: float, *, span: int = 3,
+                  device: torch.device | str | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """(B, N) bool masks of a 1-D patch sequence: ``random`` (MAE / PatchTST), ``block`` (spans of
+    ``span`` patches) or ``future``."""
+    if kind == "random":
+        return random_masking(batch, num_patches, ratio, device=device, generator=generator).mask
+    if kind == "block":
+        return span_masking(batch, num_patches, ratio, span, device=device, generator=generator)
+    if kind == "future":
+        return future_masking(batch, num_patches, ratio, device=device)
+    raise ConfigError(f"mask kind {kind!r} is not one of random, block, future")
 
 
 # ----------------------------------------------------------------------------------------------

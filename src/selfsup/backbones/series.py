@@ -1,0 +1,183 @@
+"""PatchTST: a channel-independent patch transformer for multivariate series (Nie, Nguyen,
+Sinthong, Kalagnanam 2023, "A Time Series is Worth 64 Words: Long-term Forecasting with
+Transformers", ICLR).
+
+Each channel of a series (B, C, T) is encoded on its own with shared weights (channel
+independence, sec. 3.1): instance-normalized (RevIN without its affine part, Kim et al. 2022: each
+window's channel minus its mean, over its std), cut into N = (T - P) / S + 1 patches of P steps
+with stride S (the first steps that do not fill a patch are dropped, as the official
+``create_patch``), each patch projected by one Linear (P -> D), plus a learned position table
+(uniform in [-0.02, 0.02], the official ``pe='zeros', learn_pe=True``), then ``depth`` post-norm
+transformer blocks whose norms are BatchNorm over the channel of D (the paper's choice over
+LayerNorm, appendix A.1.4). Dropout follows the attention output projection and again on the
+residual branch (drawn here as one dropout of the same distribution), and in the MLP, as the
+official ``TSTEncoderLayer``.
+
+Sizes (``backbone.name``): ``patchtst`` is the paper's self-supervised model: D = 128, 3 blocks,
+16 heads, MLP 512 (ratio 4), ReLU (the self-supervised script's ``act='relu'``), no residual
+attention; patch 12 with stride 12 (``backbone.patch_size``, ``backbone.patch_stride``), dropout
+0.2 in the recipes. ``backbone.embed_dim`` / ``depth`` / ``num_heads`` override it.
+``backbone.max_len`` is the longest input in time steps (the position table holds its patch
+count; a run fixes it from ``data.seq_len``, or a set's series length). ``backbone.norm: pre``
+gives pre-norm blocks instead (not the paper's).
+
+Outputs: ``tokens(x)`` (B, C, N, D); ``forward(x)`` the pooled feature (B, C * D): each channel's
+tokens averaged over its patches, the channels side by side (so a C-channel series gives C * D
+features; ``out_dim`` is the per-channel D).
+
+Example::
+
+    enc = build_backbone(BackboneConfig(name="patchtst", max_len=512))
+    x = torch.randn(4, 7, 512)                 # 4 windows of 7 channels
+    enc.tokens(x).shape                        # (4, 7, 42, 128)
+    enc(x).shape                               # (4, 896)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from selfsup.backbones import Backbone
+from selfsup.config import BackboneConfig
+from selfsup.errors import ConfigError
+from selfsup.registry import register_backbone
+
+__all__ = ["PatchTST", "instance_norm", "patch_count"]
+
+REVIN_EPS = 1e-5  # RevIN's eps, added to the variance
+
+
+def instance_norm(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """RevIN's normalization without its affine part: (normalized x, mean, std) of each series'
+    channel over time; ``x`` (B, C, T), the statistics (B, C, 1). ``y * std + mean`` undoes it."""
+    mean = x.mean(-1, keepdim=True)
+    std = torch.sqrt(x.var(-1, keepdim=True, unbiased=False) + REVIN_EPS)
+    return (x - mean) / std, mean, std
+
+
+def patch_count(length: int, patch: int, stride: int) -> int:
+    """Patches of ``patch`` steps at ``stride`` in ``length`` steps (the official ``create_patch``)."""
+    return (max(length, patch) - patch) // stride + 1
+
+
+class _BatchNormTokens(nn.Module):
+    """BatchNorm1d over the D channels of tokens (..., N, D): statistics over every token of the batch."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+class PatchBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, *, dropout: float, pre_norm: bool) -> None:
+        super().__init__()
+        self.num_heads, self.pre_norm = num_heads, pre_norm
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        # the official layer drops the attention output twice (the projection's dropout, then the
+        # residual's); two independent dropouts of rate p are one of rate 1 - (1 - p)^2 in
+        # distribution (keep with probability (1 - p)^2, scale by its inverse), which costs half
+        self.drop_attn = nn.Dropout(1 - (1 - dropout) ** 2)
+        self.norm_attn = _BatchNormTokens(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.drop_mlp = nn.Dropout(dropout)
+        self.drop_ffn = nn.Dropout(dropout)
+        self.norm_ffn = _BatchNormTokens(dim)
+
+    def attention(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v
+        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_norm:
+            x = x + self.drop_attn(self.attention(self.norm_attn(x)))
+            return x + self.drop_ffn(self.fc2(self.drop_mlp(F.relu(self.fc1(self.norm_ffn(x))))))
+        x = self.norm_attn(x + self.drop_attn(self.attention(x)))
+        return self.norm_ffn(x + self.drop_ffn(self.fc2(self.drop_mlp(F.relu(self.fc1(x))))))
+
+
+class PatchModel(nn.Module):
+    def __init__(self, patch: int, patches: int, dim: int, depth: int, num_heads: int, *, dropout: float,
+                 pre_norm: bool) -> None:
+        super().__init__()
+        self.patch_embed = nn.Linear(patch, dim)
+        self.pos_embed = nn.Parameter(torch.empty(patches, dim).uniform_(-0.02, 0.02))
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(PatchBlock(dim, num_heads, dropout=dropout, pre_norm=pre_norm)
+                                    for _ in range(depth))
+
+
+class PatchTST(Backbone):
+    """The PatchTST encoder (see the module docstring)."""
+
+    def __init__(self, *, max_len: int = 512, patch_size: int = 12, patch_stride: int | None = None,
+                 embed_dim: int = 128, depth: int = 3, num_heads: int = 16, dropout: float = 0.0,
+                 norm: str = "post") -> None:
+        stride = patch_stride or patch_size
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if max_len < patch_size:
+            raise ValueError(f"max_len {max_len} is shorter than one patch of {patch_size} steps")
+        patches = patch_count(max_len, patch_size, stride)
+        model = PatchModel(patch_size, patches, embed_dim, depth, num_heads, dropout=dropout, pre_norm=norm == "pre")
+        super().__init__(model, embed_dim, "selfsup")
+        self.max_len, self.patch_size, self.patch_stride, self.patches = max_len, patch_size, stride, patches
+        self.embed_dim, self.depth, self.num_heads, self.norm_type = embed_dim, depth, num_heads, norm
+
+    def patchify(self, x: Tensor) -> Tensor:
+        """(B, C, T) -> (B, C, N, P): the last ``P + S (N - 1)`` steps cut into patches."""
+        t = x.shape[-1]
+        if t < self.patch_size:
+            raise ValueError(f"a series of {t} steps is shorter than one patch ({self.patch_size} steps)")
+        n = patch_count(t, self.patch_size, self.patch_stride)
+        if n > self.patches:
+            raise ValueError(f"a series of {t} steps makes {n} patches; the encoder has positions for "
+                             f"{self.patches} ({self.max_len} steps, backbone.max_len)")
+        span = self.patch_size + self.patch_stride * (n - 1)
+        return x[..., t - span:].unfold(-1, self.patch_size, self.patch_stride)
+
+    def encode_patches(self, patches: Tensor) -> Tensor:
+        """Tokens (B, C, N, D) of patches (B, C, N, P) (already normalized)."""
+        b, c, n, p = patches.shape
+        m = self.model
+        h = m.drop(m.patch_embed(patches.reshape(b * c, n, p)) + m.pos_embed[:n].to(patches.dtype))
+        for block in m.blocks:
+            h = block(h)
+        return h.view(b, c, n, -1)
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """Tokens (B, C, N, D) of raw series (B, C, T): instance-normalized, patched, encoded."""
+        return self.encode_patches(self.patchify(instance_norm(x)[0]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.tokens(x).mean(2).flatten(1)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.tokens(x)
+
+    def lr_layer_id(self, name: str) -> int:
+        """Layer index for layer-wise lr decay: 0 the embeddings, i + 1 for block i."""
+        name = name.removeprefix("model.")
+        return int(name.split(".")[1]) + 1 if name.startswith("blocks.") else 0
+
+
+@register_backbone("patchtst", modality="series")
+def build_patchtst(cfg: BackboneConfig) -> PatchTST:
+    dim, depth, heads = cfg.embed_dim or 128, cfg.depth or 3, cfg.num_heads or 16
+    if dim % heads:
+        raise ConfigError(f"backbone.embed_dim={dim} is not divisible by backbone.num_heads={heads}")
+    patch = cfg.patch_size or 12
+    max_len = cfg.max_len or 512
+    if max_len < patch:
+        raise ConfigError(f"backbone.max_len={max_len} (data.seq_len) is shorter than one patch "
+                          f"(backbone.patch_size={patch})")
+    return PatchTST(max_len=max_len, patch_size=patch, patch_stride=cfg.patch_stride, embed_dim=dim, depth=depth,
+                    num_heads=heads, dropout=cfg.dropout, norm=cfg.norm or "post")

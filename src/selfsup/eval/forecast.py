@@ -1,0 +1,165 @@
+"""Forecasting with a frozen encoder: PatchTST's linear-probing protocol (Nie et al. 2023, sec. 4.2,
+Table 4), on any series method.
+
+For each horizon H, every context window of ``data.seq_len`` steps of the series' train / val /
+test split (chronological, ``selfsup.data.series``) is encoded once by the frozen encoder
+(``SeriesMethod.forecast_features``: each channel's patch tokens flattened, N * D values, from the
+instance-normalized window). A linear head, shared by the channels (the official
+``PredictionHead``, ``individual=False``; dropout ``head_dropout`` before it), maps them to the H
+next values in the window's normalized space, which are then de-normalized with the window's own
+mean and std (RevIN's ``denorm``). The head is trained with Adam on the mean squared error against
+the standardized targets, for ``epochs`` epochs at each learning rate of ``lrs``; the (rate, epoch)
+with the lowest validation MSE is kept and scored on the test split: MSE and MAE over every
+(window, channel, step), the numbers the forecasting tables print.
+
+The same protocol on the normalized input window itself (a linear map from the L values to the H
+next ones, with the same de-normalization: NLinear, Zeng et al. 2023) is reported beside it as
+``input_linear``: what a linear model gets with no encoder at all. Unlike the official script we
+score every test window (its test loader drops the last incomplete batch).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+DEFAULT_HORIZONS = (96, 192, 336, 720)
+DEFAULT_LRS = (1e-4, 1e-3)
+
+
+@torch.no_grad()
+def window_features(method: Any, windows: Any, *, device: torch.device, batch_size: int = 256,
+                    precision: str = "32", desc: str = "features") -> tuple[Tensor, Tensor, Tensor]:
+    """(features (n, C, F), mean (n, C, 1), std (n, C, 1)) of every window, in order, on CPU."""
+    autocast = nullcontext()
+    if precision in ("bf16-mixed", "16-mixed"):
+        autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+    was_training = method.training
+    method.eval()
+    feats, means, stds = [], [], []
+    starts = range(0, len(windows), batch_size)
+    bar = tqdm(starts, desc=desc, leave=False, disable=len(starts) < 5 or not sys.stderr.isatty())
+    try:
+        with autocast:
+            for i in bar:
+                x = windows.gather(torch.arange(i, min(i + batch_size, len(windows))))["series"].to(device)
+                f, mean, std = method.forecast_features(x)
+                feats.append(f.float().cpu())
+                means.append(mean.float().cpu())
+                stds.append(std.float().cpu())
+    finally:
+        method.train(was_training)
+    return torch.cat(feats), torch.cat(means), torch.cat(stds)
+
+
+def input_features(windows: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``input_linear`` baseline's features: each window's channels, instance-normalized."""
+    from selfsup.backbones.series import instance_norm
+
+    x = windows.gather(torch.arange(len(windows)))["series"]
+    normed, mean, std = instance_norm(x)
+    return normed, mean, std
+
+
+def targets(windows: Any) -> Tensor:
+    return windows.gather(torch.arange(len(windows)))["target"]
+
+
+def _scores(head: nn.Module, feats: Tensor, mean: Tensor, std: Tensor, target: Tensor,
+            batch_size: int = 1024) -> tuple[float, float]:
+    """(MSE, MAE) of the head's de-normalized forecasts over every (window, channel, step)."""
+    se = ae = 0.0
+    head.eval()
+    with torch.no_grad():
+        for i in range(0, len(feats), batch_size):
+            pred = head(feats[i:i + batch_size]) * std[i:i + batch_size] + mean[i:i + batch_size]
+            err = pred - target[i:i + batch_size]
+            se += float(err.pow(2).sum())
+            ae += float(err.abs().sum())
+    n = target.numel()
+    return se / n, ae / n
+
+
+def fit_head(train: tuple[Tensor, ...], val: tuple[Tensor, ...], test: tuple[Tensor, ...], horizon: int, *,
+             epochs: int = 20, lrs: tuple[float, ...] = DEFAULT_LRS, batch_size: int = 64,
+             head_dropout: float = 0.2, seed: int = 0, desc: str = "head") -> dict:
+    """Train the shared linear head on (features, mean, std, target) splits; keep the (lr, epoch)
+    with the best validation MSE and score it on the test split."""
+    dim = train[0].shape[-1]
+    best: dict = {"val_mse": math.inf}
+    n = len(train[0])
+    for lr in lrs:
+        torch.manual_seed(seed)
+        head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(dim, horizon))
+        opt = torch.optim.Adam(head.parameters(), lr=lr)
+        gen = torch.Generator().manual_seed(seed)
+        for epoch in tqdm(range(epochs), desc=f"{desc} lr {lr:g}", leave=False, disable=not sys.stderr.isatty()):
+            head.train()
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n, batch_size):
+                idx = order[i:i + batch_size]
+                feats, mean, std, target = (t[idx] for t in train)
+                loss = F.mse_loss(head(feats) * std + mean, target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            val_mse, val_mae = _scores(head, *val)
+            if val_mse < best["val_mse"]:
+                test_mse, test_mae = _scores(head, *test)
+                best = {"mse": test_mse, "mae": test_mae, "val_mse": val_mse, "val_mae": val_mae, "lr": lr,
+                        "epoch": epoch + 1}
+    return best
+
+
+def forecast_probe(method: Any, cfg: Any, *, device: torch.device, source: str | None = None,
+                   horizons: tuple[int, ...] = (96,), epochs: int = 20, lrs: tuple[float, ...] = DEFAULT_LRS,
+                   precision: str = "32", baseline: bool = True) -> dict:
+    """Test MSE / MAE per horizon of a linear head on the frozen encoder (see the module docstring),
+    and of the same head on the input window (``input_linear``) when ``baseline``."""
+    from selfsup.data.series import forecast_windows
+
+    src = source or cfg.data.source
+    seq_len, head_dropout = cfg.data.seq_len, 0.2
+    shortest = min(horizons)
+    # features of the shortest horizon's windows; a longer horizon's windows are a prefix of them
+    base = {s: forecast_windows(src, s, seq_len, shortest) for s in ("train", "val", "test")}
+    feats = {s: window_features(method, w, device=device, batch_size=cfg.data.eval_batch_size, precision=precision,
+                                desc=f"{s} features") for s, w in base.items()}
+    raw = {s: input_features(w) for s, w in base.items()} if baseline else {}
+    result: dict = {"protocol": "forecast", "seq_len": seq_len, "data": base["train"].name.split(" ")[0],
+                    "channels": base["train"].channels, "epochs": epochs, "lrs": list(lrs), "horizons": {}}
+    for h in sorted(horizons):
+        windows = {s: forecast_windows(src, s, seq_len, h) for s in base}
+        y = {s: targets(w) for s, w in windows.items()}
+        split = {s: tuple(t[: len(windows[s])] for t in feats[s]) + (y[s],) for s in base}
+        row = {"windows": {s: len(w) for s, w in windows.items()},
+               "encoder": fit_head(split["train"], split["val"], split["test"], h, epochs=epochs, lrs=lrs,
+                                   head_dropout=head_dropout, seed=cfg.trainer.seed, desc=f"H={h} head")}
+        if baseline:
+            split = {s: tuple(t[: len(windows[s])] for t in raw[s]) + (y[s],) for s in base}
+            row["input_linear"] = fit_head(split["train"], split["val"], split["test"], h, epochs=epochs, lrs=lrs,
+                                           head_dropout=0.0, seed=cfg.trainer.seed, desc=f"H={h} input linear")
+        result["horizons"][str(h)] = row
+    return result
+
+
+def forecast_table(result: dict) -> list[tuple[str, str]]:
+    rows = []
+    for h, row in result["horizons"].items():
+        enc = row["encoder"]
+        line = f"MSE {enc['mse']:.4f}  MAE {enc['mae']:.4f}  (val MSE {enc['val_mse']:.4f}, lr {enc['lr']:g}, epoch {enc['epoch']})"
+        rows.append((f"H={h} encoder", line))
+        if "random_init" in row:
+            r = row["random_init"]
+            rows.append((f"H={h} random init", f"MSE {r['mse']:.4f}  MAE {r['mae']:.4f}"))
+        if "input_linear" in row:
+            b = row["input_linear"]
+            rows.append((f"H={h} input linear", f"MSE {b['mse']:.4f}  MAE {b['mae']:.4f}"))
+    return rows

@@ -1,0 +1,100 @@
+"""The time-series modality: batches of float ``series`` (B, C, T), standardized per channel with
+the training split's statistics (``selfsup.data.series``), encoded by ``selfsup.backbones.series``.
+
+A series run fixes the encoder's length before it is built (``configure``): ``backbone.max_len`` is
+``data.seq_len`` for a long series cut into windows, the series' length for a set of series.
+
+:class:`SeriesMethod` is the base class of every time-series method: a batch (or a bare tensor
+(B, C, T)) in, the pooled encoder feature out for the probes, and the token features
+(B, C, N, D) with each window's instance statistics that ``selfsup eval forecast`` trains its
+forecasting head on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from selfsup.core.method import Method
+from selfsup.errors import ConfigError
+from selfsup.registry import Modality, check_batch, register_modality
+
+BATCH_KEY = "series"
+
+
+class SeriesMethod(Method):
+    """A Method on multivariate series (B, C, T)."""
+
+    modalities: ClassVar[tuple[str, ...]] = ("series",)
+    unit: ClassVar[str] = "series"
+
+    def __init__(self, cfg: Any, backbone: nn.Module, augment: Any = None) -> None:
+        super().__init__(cfg, backbone, augment)
+        from selfsup.backbones.series import PatchTST
+
+        if not isinstance(backbone, PatchTST):
+            raise ConfigError(f"{self.name} needs a time-series encoder (patchtst), got {type(backbone).__name__}")
+
+    def check(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+        if isinstance(batch, torch.Tensor):
+            batch = {BATCH_KEY: batch}
+        if BATCH_KEY not in batch:
+            check_batch(self.name, self.modalities, batch)
+        x = batch[BATCH_KEY]
+        if x.dim() != 3 or not x.is_floating_point():
+            raise ConfigError(f"{self.name}: series batches are float (B, C, T), got {tuple(x.shape)} {x.dtype}")
+        return batch
+
+    def preprocess(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.check(batch)[BATCH_KEY]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C * D): each channel's tokens averaged over its patches, channels side by side."""
+        return self.encoder(x)
+
+    def export_note(self) -> str:
+        return ("input: float series (B, C, T), each channel standardized with the training split's mean and std; "
+                "the encoder normalizes each window itself (RevIN) and returns (B, C * D), each channel's patch "
+                "tokens averaged; load with selfsup.export.load_encoder")
+
+    def forecast_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens (B, C, N * D) flattened per channel, mean (B, C, 1), std (B, C, 1)): what PatchTST's
+        prediction head reads, and the instance statistics that undo its normalization."""
+        from selfsup.backbones.series import instance_norm
+
+        enc = self.encoder
+        normed, mean, std = instance_norm(x)
+        return enc.encode_patches(enc.patchify(normed)).flatten(2), mean, std
+
+
+def _claims(source: str) -> bool:
+    from selfsup.data.series import is_series_source
+
+    return is_series_source(source)
+
+
+def _configure(cfg: Any) -> Any:
+    """Fix ``backbone.max_len`` (the encoder's positions, in time steps) from the data."""
+    if cfg.backbone.max_len is not None:
+        return cfg
+    from selfsup.data.series import series_length
+
+    return replace(cfg, backbone=replace(cfg.backbone, max_len=series_length(cfg.data.source, cfg.data.seq_len)))
+
+
+def _open(cfg: Any, split: str, evaluation: bool = False) -> Any:
+    from selfsup.data.modes import OpenedData
+    from selfsup.data.series import describe, open_series
+
+    data = open_series(cfg.data.source, split, cfg.data.seq_len)
+    return OpenedData(data, "memory", describe(data))
+
+
+SERIES = register_modality(Modality("series", (BATCH_KEY,), _claims, _open,
+                                    "float series (B, C, T); long-series CSVs, .npy/.npz/.ts sets, ucr:<Name>, "
+                                    "embedded-series", configure=_configure))
+
+__all__ = ["SERIES", "SeriesMethod"]

@@ -1,0 +1,322 @@
+"""Time series: the data (splits, windows, normalization, readers), the shared 1-D masks, the
+PatchTST encoder and its masked-patch pretraining, forecasting with a frozen encoder, and the CLI."""
+
+import gzip
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from selfsup.backbones.series import PatchTST, instance_norm, patch_count
+from selfsup.config import load_config
+from selfsup.data.series import (
+    EMBEDDED_SERIES,
+    EMBEDDED_SERIES_FILE,
+    forecast_windows,
+    is_series_source,
+    long_series_split,
+    read_long_csv,
+    read_ts,
+    series_set,
+    split_rows,
+)
+from selfsup.errors import DataError
+from selfsup.pretext.masking import future_masking, random_masking, sequence_mask, span_masking
+
+ETT_TRAIN, ETT_VAL, ETT_TEST = 8640, 2880, 2880
+
+
+def tiny_series(tmp_path, *extra: str) -> list[str]:
+    """Overrides for a tiny PatchTST run on the embedded ETTh1: windows of 48 steps, patches of 8,
+    a 16-wide 1-block encoder, batch 8."""
+    return ["method.name=patchtst", f"data.source={EMBEDDED_SERIES}", "data.seq_len=48", "data.batch_size=8",
+            "data.eval_batch_size=512", "backbone.name=patchtst", "backbone.patch_size=8", "backbone.embed_dim=16",
+            "backbone.depth=1", "backbone.num_heads=2", "backbone.dropout=0.1", "optim.name=adamw", "optim.lr=1e-3",
+            "optim.lr_scaling=none", "optim.warmup_epochs=0", "optim.weight_decay=0.0", "trainer.progress=false",
+            "trainer.precision=32", "trainer.device=cpu", f"trainer.out_dir={tmp_path / 'runs'}",
+            "eval.final_knn=false", *extra]
+
+
+# --------------------------------------------------------------------------------------
+# data
+
+
+def test_the_embedded_file_is_etth1_unmodified():
+    """CC BY-ND: the package ships ETTh1.csv only compressed, its bytes unchanged."""
+    with gzip.open(EMBEDDED_SERIES_FILE, "rb") as fh:
+        data = fh.read()
+    import hashlib
+
+    assert hashlib.sha256(data).hexdigest() == "f18de3ad269cef59bb07b5438d79bb3042d3be49bdeecf01c1cd6d29695ee066"
+    assert (EMBEDDED_SERIES_FILE.parent / "ETDataset-LICENSE").is_file()
+    series = read_long_csv(EMBEDDED_SERIES)
+    assert series.values.shape == (17420, 7) and series.dropped == ("date",)
+    assert series.columns == ("HUFL", "HULL", "MUFL", "MULL", "LUFL", "LULL", "OT")
+
+
+def test_ett_and_generic_chronological_splits():
+    assert split_rows("ETTh1.csv", 17420, 512) == {"train": (0, 8640), "val": (8640 - 512, 11520),
+                                                   "test": (11520 - 512, 14400)}
+    assert split_rows("ETTm2.csv", 69680, 96)["test"] == (46080 - 96, 57600)  # 15-minute rows: 4x
+    assert split_rows("weather.csv", 1000, 10) == {"train": (0, 700), "val": (690, 800), "test": (790, 1000)}
+    with pytest.raises(DataError, match="12/4/4"):
+        split_rows("ETTh1.csv", 9000, 96)
+
+
+@pytest.mark.parametrize("horizon", [1, 96])
+def test_no_future_value_leaks_into_a_context_or_across_splits(horizon):
+    """Every val/test target lies in its own split, every context ends where its target begins, and no
+    training window (context or target) reaches a validation row."""
+    L = 64
+    raw = read_long_csv(EMBEDDED_SERIES).values
+    mean, std = raw[:ETT_TRAIN].mean(0), raw[:ETT_TRAIN].std(0)
+    bounds = {"train": (0, ETT_TRAIN), "val": (ETT_TRAIN, ETT_TRAIN + ETT_VAL),
+              "test": (ETT_TRAIN + ETT_VAL, ETT_TRAIN + ETT_VAL + ETT_TEST)}
+    for split, (lo, hi) in bounds.items():
+        w = forecast_windows(EMBEDDED_SERIES, split, L, horizon)
+        first, last = int(w.starts[0]), int(w.starts[-1])
+        target_rows = (first + L, last + L + horizon - 1)
+        assert target_rows == (lo if split != "train" else L, hi - 1), split  # targets fill the split, no more
+        assert len(w) == hi - (lo if split == "train" else lo - L) - L - horizon + 1
+        batch = w.gather(torch.tensor([0, len(w) - 1]))
+        for i, start in enumerate((first, last)):  # the values are those rows, standardized with train stats
+            want_ctx = (raw[start:start + L] - mean) / std
+            want_tgt = (raw[start + L:start + L + horizon] - mean) / std
+            assert np.allclose(batch["series"][i].T.numpy(), want_ctx, atol=1e-5)
+            assert np.allclose(batch["target"][i].T.numpy(), want_tgt, atol=1e-5)
+    pre = long_series_split(EMBEDDED_SERIES, "train", L)  # pretraining windows: inside the train rows
+    assert int(pre.starts[-1]) + L == ETT_TRAIN
+
+
+def test_normalization_is_fitted_on_the_training_split_only(tmp_path):
+    with gzip.open(EMBEDDED_SERIES_FILE, "rt") as fh:
+        raw = fh.read().splitlines()
+    train = long_series_split(EMBEDDED_SERIES, "train", 32)
+    x = train.values[:ETT_TRAIN]
+    assert torch.allclose(x.mean(0), torch.zeros(7), atol=1e-4) and torch.allclose(x.std(0, unbiased=False),
+                                                                                    torch.ones(7), atol=1e-4)
+    # scale every row after the training split by 10: the training windows do not change
+    edited = [raw[0]] + raw[1:ETT_TRAIN + 1] + [
+        ",".join([r.split(",")[0]] + [str(float(v) * 10) for v in r.split(",")[1:]]) for r in raw[ETT_TRAIN + 1:]]
+    path = tmp_path / "ETTh1.csv"
+    path.write_text("\n".join(edited) + "\n")
+    again = long_series_split(str(path), "train", 32)
+    assert torch.allclose(again.values[:ETT_TRAIN], x, atol=1e-6)
+    test = long_series_split(str(path), "test", 32)
+    assert not torch.allclose(test.values[ETT_TRAIN:], long_series_split(EMBEDDED_SERIES, "test", 32).values[ETT_TRAIN:])
+
+
+def test_bad_csvs_are_clear_errors(tmp_path):
+    gap = tmp_path / "gap.csv"
+    gap.write_text("date,a,b\n" + "".join(f"2020-01-{i:02d},{i},{'' if i == 5 else i}\n" for i in range(1, 20)))
+    with pytest.raises(DataError, match="1 missing or non-finite values in b"):
+        read_long_csv(str(gap))
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("a,b\n1,2\n3\n4,5\n")
+    with pytest.raises(DataError, match="do not have the header's 2 fields"):
+        read_long_csv(str(ragged))
+    with pytest.raises(DataError, match="not found"):
+        read_long_csv(str(tmp_path / "nope.csv"))
+
+
+TS_FILE = """# a tiny UEA-style file
+@problemName Tiny
+@univariate false
+@dimensions 2
+@equalLength false
+@classLabel true b a
+@data
+1,2,3,4:0,0,1,1:b
+2,3,4,5:1,1,0,0:a
+4,3,2:5,5,5:b
+"""
+
+
+def test_ts_reader_pads_shorter_series_and_sorts_labels(tmp_path):
+    (tmp_path / "Tiny_TRAIN.ts").write_text(TS_FILE)
+    (tmp_path / "Tiny_TEST.ts").write_text(TS_FILE.replace("4,3,2:5,5,5:b", "0,0,0,0:2,2,2,2:a"))
+    raw = read_ts(tmp_path / "Tiny_TRAIN.ts")
+    assert raw.x.shape == (3, 2, 4) and raw.labels == ["b", "a", "b"] and raw.padded == 1
+    assert raw.x[2].tolist() == [[4, 3, 2, 2], [5, 5, 5, 5]]  # padded with the last value
+    assert is_series_source(str(tmp_path))
+    train, test = series_set(str(tmp_path), "train"), series_set(str(tmp_path), "test")
+    assert train.classes == ["a", "b"] and train.labels.tolist() == [1, 0, 1] and test.labels.tolist() == [1, 0, 0]
+    mean = raw.x.mean(axis=(0, 2), keepdims=True)
+    std = raw.x.std(axis=(0, 2), keepdims=True)
+    assert np.allclose(train.x.numpy(), (raw.x - mean) / std, atol=1e-6)  # per channel, train statistics
+    assert np.allclose(test.x[2].numpy(), ((np.array([[0, 0, 0, 0], [2, 2, 2, 2]]) - mean) / std)[0], atol=1e-6)
+    assert "1 shorter series padded" in train.note
+
+
+def test_npz_sets_and_their_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "set.npz"
+    np.savez(path, x_train=rng.normal(size=(6, 3, 20)), y_train=np.array([0, 1] * 3),
+             x_test=rng.normal(size=(4, 3, 20)), y_test=np.array([1, 0, 1, 0]))
+    train, test = series_set(str(path), "train"), series_set(str(path), "test")
+    assert train.x.shape == (6, 3, 20) and test.labels.tolist() == [1, 0, 1, 0] and train.classes == ["0", "1"]
+    np.save(tmp_path / "flat.npy", rng.normal(size=(5, 30)))  # (N, T): one channel, no labels
+    flat = series_set(str(tmp_path / "flat.npy"), "train")
+    assert flat.x.shape == (5, 1, 30) and not flat.has_labels
+    np.savez(tmp_path / "bad.npz", series=np.zeros((2, 3)))
+    with pytest.raises(DataError, match="needs 'x'"):
+        series_set(str(tmp_path / "bad.npz"), "train")
+
+
+def test_ucr_sets_from_the_sktime_wheel():
+    pytest.importorskip("sktime")
+    train, test = series_set("ucr:GunPoint", "train"), series_set("ucr:GunPoint", "test")
+    assert (len(train), len(test), train.channels, train.length) == (50, 150, 1, 150)
+    assert train.classes == ["1", "2"] and train.has_labels
+    motions = series_set("ucr:BasicMotions", "train")
+    assert motions.x.shape == (40, 6, 100) and len(motions.classes) == 4
+    with pytest.raises(DataError, match="sktime ships no UCR/UEA set 'Nope'"):
+        series_set("ucr:Nope", "train")
+
+
+# --------------------------------------------------------------------------------------
+# masks
+
+
+@pytest.mark.parametrize("n,ratio", [(42, 0.4), (10, 0.5), (7, 0.75), (5, 0.1)])
+def test_1d_masks_mask_the_stated_count_in_their_layout(n, ratio):
+    masked = n - int(n * (1 - ratio))
+    gen = torch.Generator().manual_seed(0)
+    rand = random_masking(64, n, ratio, generator=gen).mask
+    assert (rand.sum(1) == masked).all() and rand.float().mean(0).min() > 0  # every position gets masked sometimes
+    spans = span_masking(64, n, ratio, 3, generator=gen)
+    assert (spans.sum(1) == masked).all()
+    # spans: runs of masked patches are sums of whole spans (3, 3, ..., the last shorter one)
+    last = masked - 3 * (math.ceil(masked / 3) - 1)
+    for row in spans.tolist():
+        runs = [len(r) for r in "".join("1" if v else "0" for v in row).split("0") if r]
+        assert sum(runs) == masked
+        assert all(r % 3 in (0, last % 3) for r in runs)
+    future = future_masking(4, n, ratio)
+    assert future[:, n - masked:].all() and not future[:, : n - masked].any()
+    assert torch.equal(sequence_mask("future", 4, n, ratio), future)
+
+
+def test_span_masking_layout_is_uniform_over_positions():
+    mask = span_masking(20000, 12, 0.5, 2, generator=torch.Generator().manual_seed(1))
+    freq = mask.float().mean(0)
+    assert freq.min() > 0.25 and freq.max() < 0.75  # no position is (almost) always or never masked
+    assert torch.allclose(freq, freq.flip(0), atol=0.02)  # and the layout has no direction
+
+
+# --------------------------------------------------------------------------------------
+# encoder and method
+
+
+def test_patchify_matches_the_official_create_patch():
+    enc = PatchTST(max_len=50, patch_size=12, patch_stride=12, embed_dim=16, depth=1, num_heads=2)
+    x = torch.arange(2 * 3 * 50, dtype=torch.float32).view(2, 3, 50)
+    p = enc.patchify(x)
+    assert p.shape == (2, 3, patch_count(50, 12, 12), 12) == (2, 3, 4, 12)
+    assert torch.equal(p[0, 0, 0], x[0, 0, 2:14]) and torch.equal(p[1, 2, -1], x[1, 2, 38:50])  # drops the first 2
+    overlap = PatchTST(max_len=50, patch_size=16, patch_stride=8, embed_dim=16, depth=1, num_heads=2)
+    assert overlap.patchify(x).shape[2] == (50 - 16) // 8 + 1
+
+
+def test_instance_norm_is_revin_without_affine_and_inverts():
+    x = torch.randn(3, 2, 40) * 5 + 7
+    y, mean, std = instance_norm(x)
+    assert torch.allclose(y.mean(-1), torch.zeros(3, 2), atol=1e-5)
+    assert torch.allclose(std, torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-5))
+    assert torch.allclose(y * std + mean, x, atol=1e-5)
+
+
+def test_channels_are_encoded_independently():
+    """Channel independence: in eval mode a channel's tokens do not depend on the other channels."""
+    torch.manual_seed(0)
+    enc = PatchTST(max_len=48, patch_size=8, embed_dim=16, depth=2, num_heads=2).eval()
+    x = torch.randn(2, 4, 48)
+    with torch.no_grad():
+        full = enc.tokens(x)
+        alone = enc.tokens(x[:, 2:3])
+        swapped = enc.tokens(torch.cat([x[:, :2], torch.randn(2, 2, 48)], 1))
+    assert full.shape == (2, 4, 6, 16)
+    assert torch.allclose(full[:, 2:3], alone, atol=1e-5)
+    assert torch.allclose(full[:, :2], swapped[:, :2], atol=1e-5)
+    assert enc(x).shape == (2, 4 * 16)
+
+
+def test_masked_patch_loss_against_a_hand_computed_case(tmp_path):
+    """PatchTST's loss: per patch the mean squared error over its steps, averaged over masked patches only."""
+    from selfsup.losses import mae_loss
+
+    pred = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, 3.0]]])  # (1, N=3, P=2)
+    target = torch.tensor([[[0.0, 0.0], [5.0, 5.0], [1.0, 2.0]]])
+    mask = torch.tensor([[True, False, True]])
+    # masked patches 0 and 2: ((1 + 4) / 2 + (4 + 1) / 2) / 2 = 2.5; the visible one (25) does not count
+    assert float(mae_loss(pred, target, mask, norm_pix_loss=False)) == pytest.approx(2.5)
+
+    from selfsup.core.build import build_method
+
+    method = build_method(load_config(None, tiny_series(tmp_path)))
+    x = torch.randn(2, 3, 48)
+    torch.manual_seed(5)
+    out = method({"series": x})
+    torch.manual_seed(5)
+    target, inputs, mask = method.masked_inputs(x)
+    assert (mask.sum(-1) == 6 - int(6 * 0.6)).all()  # 40% of 6 patches: 3 per channel
+    assert (inputs[mask] == 0).all() and torch.equal(inputs[~mask], target[~mask])
+    pred = method.head(method.backbone.encode_patches(inputs))
+    torch.manual_seed(5)
+    want = ((pred - target).pow(2).mean(-1) * mask).sum() / mask.sum()
+    assert float(out.loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# training, resuming, forecasting, export
+
+
+def test_patchtst_resumes_exactly(tmp_path):
+    from tests.conftest import resume_matches_straight
+
+    cfg = load_config(None, tiny_series(tmp_path, "trainer.max_steps=6"))
+    resume_matches_straight(cfg, tmp_path, until_step=3)
+
+
+def test_pretrain_then_forecast_from_the_cli(tmp_path, capsys):
+    """The CLI trains PatchTST on the embedded ETTh1, ends with a forecast beside the random-init
+    encoder and the input-window baseline; `eval forecast` scores a chosen horizon; export loads back."""
+    from selfsup.cli import main
+    from selfsup.export import load_encoder
+
+    over = tiny_series(tmp_path, "trainer.max_steps=30", "trainer.run_name=r", "eval.final_knn=true",
+                       "eval.random_init_seeds=1", "eval.forecast_epochs=2", "eval.forecast_horizons=[24]")
+    assert main(["pretrain", *over]) == 0
+    summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
+    row = summary["forecast"]["horizons"]["24"]
+    assert row["windows"] == {"train": ETT_TRAIN - 48 - 24 + 1, "val": ETT_VAL - 24 + 1, "test": ETT_TEST - 24 + 1}
+    for key in ("encoder", "input_linear"):
+        assert 0 < row[key]["mse"] < 2 and 0 < row[key]["mae"] < 2
+    assert row["random_init"]["seeds"] == [0] and 0 < row["random_init"]["mse"] < 2
+    assert "forecast H=24 encoder" in capsys.readouterr().out
+
+    run = tmp_path / "runs" / "r"
+    assert main(["eval", "forecast", "--checkpoint", str(run), "--horizons", "12", "--epochs", "1",
+                 "--device", "cpu"]) == 0
+    result = json.loads((run / "eval_forecast.json").read_text())
+    assert list(result["horizons"]) == ["12"] and result["seq_len"] == 48
+
+    assert main(["export", str(run), str(tmp_path / "enc.safetensors")]) == 0
+    enc = load_encoder(tmp_path / "enc.safetensors")
+    from selfsup.evaluate import load_method
+
+    method, _, _ = load_method(run)
+    x = torch.randn(2, 7, 48)
+    with torch.no_grad():
+        assert torch.allclose(enc.eval()(x), method.encode(x), atol=1e-5)
+
+
+def test_a_series_method_refuses_other_data_and_encoders(tmp_path):
+    from selfsup.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="patchtst trains on series data; data.source=embedded is image data"):
+        load_config(None, tiny_series(tmp_path, "data.source=embedded"))
+    with pytest.raises(ConfigError, match="backbone.name=resnet18 is an image encoder; patchtst trains on series"):
+        load_config(None, tiny_series(tmp_path, "backbone.name=resnet18"))
