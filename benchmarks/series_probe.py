@@ -1,20 +1,22 @@
 """Time-series methods against their random-init encoder: ETTh1 forecasting and UCR/UEA classification.
 
-For each seed:
+For each method (PatchTST, TS2Vec) and seed:
 
-1. ETTh1 (``configs/patchtst/etth1_cpu.yaml``): pretrain on the training months, then forecast the
+1. ETTh1 (``configs/patchtst/etth1_cpu.yaml``, ``configs/ts2vec/etth1.yaml``): pretrain on the training months, then forecast the
    test months H steps ahead with a linear head on the frozen encoder (``selfsup.eval.forecast``:
    PatchTST's linear-probing protocol, the (lr, epoch) chosen on the validation months), for the
    trained encoder, the same encoder at random init (same seed, untrained) and a linear map of the
    input window itself (NLinear);
-2. UCR/UEA sets from the sktime wheel (``configs/patchtst/ucr_cpu.yaml``, ``data.source=ucr:<Name>``):
+2. UCR/UEA sets from the sktime wheel (``configs/patchtst/ucr_cpu.yaml``, ``configs/ts2vec/ucr.yaml``,
+   ``data.source=ucr:<Name>``):
    pretrain on the set's training series, then probe the pooled features of its test series:
    logistic regression (L-BFGS) and kNN (k = 5), trained vs random init.
 
 Every row goes to a JSON-lines file with the machine, date and command; ``--render`` writes the
-markdown section. Rerun (about 25 minutes a seed on a 2-core CPU):
+markdown section. Rerun (on a 2-core CPU about 25 minutes per PatchTST ETTh1 seed, a few minutes for
+the rest):
 
-    python benchmarks/series_probe.py --seeds 0 1 2
+    python benchmarks/series_probe.py --methods patchtst ts2vec --seeds 0 1 2
     python benchmarks/build_md.py   # refreshes BENCHMARKS.md
 """
 
@@ -34,6 +36,8 @@ from _common import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 UCR_SETS = ("GunPoint", "BasicMotions")
+RECIPES = {"patchtst": {"etth1": "configs/patchtst/etth1_cpu.yaml", "ucr": "configs/patchtst/ucr_cpu.yaml"},
+           "ts2vec": {"etth1": "configs/ts2vec/etth1.yaml", "ucr": "configs/ts2vec/ucr.yaml"}}
 
 # published numbers beside ours (ETTh1, multivariate, standardized MSE / MAE on the test months)
 ANCHORS = {
@@ -50,21 +54,21 @@ ANCHORS = {
 }
 
 
-def forecast_row(seed: int, args, out_dir: Path) -> dict:
+def forecast_row(method: str, seed: int, args, out_dir: Path) -> dict:
     from selfsup.config import load_config
     from selfsup.core.build import build_method
     from selfsup.eval.forecast import forecast_probe
     from selfsup.train.trainer import Trainer
 
-    recipe = ROOT / "configs" / "patchtst" / "etth1_cpu.yaml"
+    recipe = ROOT / RECIPES[method]["etth1"]
     cfg = load_config(recipe, [f"trainer.seed={seed}", f"trainer.threads={args.threads}", "trainer.progress=false",
-                               f"trainer.out_dir={out_dir}", f"trainer.run_name=etth1-{seed}", "eval.final_knn=false",
+                               f"trainer.out_dir={out_dir}", f"trainer.run_name={method}-etth1-{seed}", "eval.final_knn=false",
                                *([f"trainer.max_steps={args.steps}"] if args.steps else []), *args.override])
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     summary = trainer.fit()
     cfg = trainer.cfg
-    row = {"task": "etth1", "seed": seed, "steps": summary["position"]["step"], "recipe": str(recipe.relative_to(ROOT)),
+    row = {"method": method, "task": "etth1", "seed": seed, "steps": summary["position"]["step"], "recipe": str(recipe.relative_to(ROOT)),
            "train_seconds": round(time.perf_counter() - t0, 1), "final_loss": summary["final_loss"],
            "horizons": list(cfg.eval.forecast_horizons), "head_epochs": cfg.eval.forecast_epochs}
     horizons = tuple(cfg.eval.forecast_horizons)
@@ -76,27 +80,28 @@ def forecast_row(seed: int, args, out_dir: Path) -> dict:
     for h in trained["horizons"]:
         row[h] = {"trained": trained["horizons"][h]["encoder"], "random": rand["horizons"][h]["encoder"],
                   "input_linear": trained["horizons"][h]["input_linear"], "windows": trained["horizons"][h]["windows"]}
-        print(f"ETTh1 seed {seed} H={h}: trained MSE {row[h]['trained']['mse']:.4f}, random {row[h]['random']['mse']:.4f}, "
+        print(f"{method} ETTh1 seed {seed} H={h}: trained MSE {row[h]['trained']['mse']:.4f}, random {row[h]['random']['mse']:.4f}, "
               f"input linear {row[h]['input_linear']['mse']:.4f}", file=sys.stderr)
     return row
 
 
-def ucr_row(name: str, seed: int, args, out_dir: Path) -> dict:
+def ucr_row(method: str, name: str, seed: int, args, out_dir: Path) -> dict:
     from selfsup.config import load_config
     from selfsup.core.build import build_method
     from selfsup.eval import logistic_regression
     from selfsup.evaluate import labeled_features, run_knn
     from selfsup.train.trainer import Trainer
 
-    recipe = ROOT / "configs" / "patchtst" / "ucr_cpu.yaml"
+    recipe = ROOT / RECIPES[method]["ucr"]
     cfg = load_config(recipe, [f"data.source=ucr:{name}", f"trainer.seed={seed}", f"trainer.threads={args.threads}",
-                               "trainer.progress=false", f"trainer.out_dir={out_dir}", f"trainer.run_name={name}-{seed}",
-                               "eval.final_knn=false", *args.override])
+                               "trainer.progress=false", f"trainer.out_dir={out_dir}", f"trainer.run_name={method}-{name}-{seed}",
+                               "eval.final_knn=false", *([f"trainer.max_steps={args.ucr_steps}"] if args.ucr_steps else []),
+                               *args.override])
     t0 = time.perf_counter()
     trainer = Trainer(cfg)
     summary = trainer.fit()
     cfg = trainer.cfg
-    row = {"task": f"ucr:{name}", "seed": seed, "steps": summary["position"]["step"],
+    row = {"method": method, "task": f"ucr:{name}", "seed": seed, "steps": summary["position"]["step"],
            "recipe": str(recipe.relative_to(ROOT)), "train_seconds": round(time.perf_counter() - t0, 1),
            "final_loss": summary["final_loss"]}
     random_init = build_method(cfg).to(trainer.device)
@@ -105,7 +110,7 @@ def ucr_row(name: str, seed: int, args, out_dir: Path) -> dict:
         row[tag] = {"linear_top1": logistic_regression(*feats[:4])["top1"],
                     "knn_top1": run_knn(feats, cfg)[f"k{cfg.eval.knn_k[0]}"]["top1"],
                     "train": int(feats[0].shape[0]), "test": int(feats[2].shape[0])}
-    print(f"{name} seed {seed}: trained linear {row['trained']['linear_top1']:.1f} kNN {row['trained']['knn_top1']:.1f}; "
+    print(f"{method} {name} seed {seed}: trained linear {row['trained']['linear_top1']:.1f} kNN {row['trained']['knn_top1']:.1f}; "
           f"random linear {row['random']['linear_top1']:.1f} kNN {row['random']['knn_top1']:.1f}", file=sys.stderr)
     return row
 
@@ -118,28 +123,32 @@ def _ms(values: list[float], digits: int) -> str:
 def render(rows: list[dict]) -> str:
     first = rows[0]
     out = ["# Time-series methods vs their random-init encoder: ETTh1 forecasting, UCR/UEA classification", "",
-           f"Machine: {first['machine']}; date: {first['date']}; command: `{first['command']}` (torch {first['torch']}).", ""]
+           f"Machine: {first['machine']}; date: {first['date']} (torch {first['torch']}); commands: "
+           + ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)) + ".", ""]
     ett = [r for r in rows if r["task"] == "etth1"]
     if ett:
-        r0 = ett[0]
-        out += [f"**ETTh1 forecasting.** `{r0['recipe']}`: PatchTST masked-patch pretraining (the paper's encoder, "
-                f"context 512, patch 12, 40% masked) for {r0['steps']} steps of 64 windows on the 12 training months "
-                "(the paper: 100 epochs, about 12,700 steps). Then a linear head on the frozen encoder's flattened patch "
-                f"tokens forecasts H steps (PatchTST's linear probing; Adam, {r0['head_epochs']} epochs at lr 1e-4 and "
-                "1e-3, the (lr, epoch) with the best validation MSE scored on every window of the 4 test months; "
-                "standardized MSE / MAE). Random init: the same encoder, same seed, untrained, same probe. Input "
+        out += ["**ETTh1 forecasting.** Each method pretrains its recipe on the 12 training months (PatchTST: "
+                "`configs/patchtst/etth1_cpu.yaml`, the paper's encoder, context 512, patch 12, 40% masked, 400 steps "
+                "of 64 windows where the paper trains 100 epochs; TS2Vec: `configs/ts2vec/etth1.yaml`, 200 steps of 16 "
+                "windows of 512, its official iteration count). Then a linear head on the frozen encoder forecasts H "
+                "steps (PatchTST's linear probing: the flattened patch tokens of each channel, de-normalized per window; "
+                "TS2Vec: the last step's representation to all 7 x H values), trained with Adam at lr 1e-4 and 1e-3, "
+                "the (lr, epoch) with the best validation MSE scored on every window of the 4 test months "
+                "(standardized MSE / MAE). Random init: the same encoder, same seed, untrained, same probe. Input "
                 "linear: the same head on the instance-normalized input window (NLinear). Mean ± standard deviation "
-                f"over {len(ett)} seed(s); gain = random - trained MSE (positive: pretraining helped).", "",
-                "| H | trained MSE | random init MSE | gain | input linear MSE | trained MAE | random init MAE |",
-                "|---|---|---|---|---|---|---|"]
-        for h in (str(x) for x in r0["horizons"]):
-            t = [r[h]["trained"]["mse"] for r in ett]
-            z = [r[h]["random"]["mse"] for r in ett]
-            b = [r[h]["input_linear"]["mse"] for r in ett]
-            gain = [a - c for a, c in zip(z, t)]
-            out.append(f"| {h} | {_ms(t, 4)} | {_ms(z, 4)} | {statistics.mean(gain):+.4f} (min {min(gain):+.4f}) | "
-                       f"{_ms(b, 4)} | {_ms([r[h]['trained']['mae'] for r in ett], 4)} | "
-                       f"{_ms([r[h]['random']['mae'] for r in ett], 4)} |")
+                "over the seeds; gain = random - trained MSE (positive: pretraining helped).", "",
+                "| method | seeds | steps | H | trained MSE | random init MSE | gain | input linear MSE | trained MAE |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for method in dict.fromkeys(r["method"] for r in ett):
+            rs = [r for r in ett if r["method"] == method]
+            for h in (str(x) for x in rs[0]["horizons"]):
+                t = [r[h]["trained"]["mse"] for r in rs]
+                z = [r[h]["random"]["mse"] for r in rs]
+                gain = [a - c for a, c in zip(z, t)]
+                out.append(f"| `{method}` | {len(rs)} | {rs[0]['steps']} | {h} | {_ms(t, 4)} | {_ms(z, 4)} | "
+                           f"{statistics.mean(gain):+.4f} (min {min(gain):+.4f}) | "
+                           f"{_ms([r[h]['input_linear']['mse'] for r in rs], 4)} | "
+                           f"{_ms([r[h]['trained']['mae'] for r in rs], 4)} |")
         out += ["", "Published ETTh1 numbers (same split and normalization; MSE / MAE):", "",
                 "| H | model (source) | MSE | MAE |", "|---|---|---|---|"]
         for h, anchors in ANCHORS.items():
@@ -148,30 +157,35 @@ def render(rows: list[dict]) -> str:
         out.append("")
     ucr = [r for r in rows if r["task"].startswith("ucr:")]
     if ucr:
-        r0 = ucr[0]
-        out += [f"**UCR/UEA classification.** `{r0['recipe']}`: pretraining on each set's training series only "
-                f"({r0['steps']} steps of 16 series), then logistic regression (L-BFGS) and kNN (k = 5) on the pooled "
-                "features (each channel's patch tokens averaged, channels side by side), fit on the training series "
-                "and scored on the official test series; top-1 %, mean ± standard deviation over the seeds.", "",
-                "| set | seeds | probe | trained | random init | gain |", "|---|---|---|---|---|---|"]
-        by_task: dict[str, list[dict]] = {}
+        out += ["**UCR/UEA classification.** Each method pretrains on a set's training series only (PatchTST: "
+                "`configs/patchtst/ucr_cpu.yaml`, 300 steps of 16 series, patches of 8; TS2Vec: `configs/ts2vec/ucr.yaml`, "
+                "its official 200 iterations of 16), then logistic regression (L-BFGS) and kNN (k = 5) on the pooled "
+                "features (PatchTST: each channel's patch tokens averaged, channels side by side; TS2Vec: the "
+                "timestamps' representations max-pooled), fit on the training series and scored on the official test "
+                "series; top-1 %, mean ± standard deviation over the seeds. TS2Vec's paper probes with an RBF SVM.", "",
+                "| method | set (train / test) | seeds | probe | trained | random init | gain |",
+                "|---|---|---|---|---|---|---|"]
+        groups: dict[tuple[str, str], list[dict]] = {}
         for r in ucr:
-            by_task.setdefault(r["task"], []).append(r)
-        for task, rs in by_task.items():
+            groups.setdefault((r["method"], r["task"]), []).append(r)
+        for (method, task), rs in groups.items():
             for key, what in (("linear_top1", "logistic regression"), ("knn_top1", "kNN")):
                 t = [r["trained"][key] for r in rs]
                 z = [r["random"][key] for r in rs]
                 gain = [a - b for a, b in zip(t, z)]
-                out.append(f"| {task[4:]} ({rs[0]['trained']['train']} / {rs[0]['trained']['test']}) | {len(rs)} | {what} | "
-                           f"{_ms(t, 1)} | {_ms(z, 1)} | {statistics.mean(gain):+.1f} (min {min(gain):+.1f}) |")
+                out.append(f"| `{method}` | {task[4:]} ({rs[0]['trained']['train']} / {rs[0]['trained']['test']}) | "
+                           f"{len(rs)} | {what} | {_ms(t, 1)} | {_ms(z, 1)} | {statistics.mean(gain):+.1f} "
+                           f"(min {min(gain):+.1f}) |")
     return "\n".join(out) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--tasks", nargs="+", default=["etth1", *UCR_SETS])
     p.add_argument("--steps", type=int, default=0, help="ETTh1 pretraining steps (0: the recipe's)")
+    p.add_argument("--ucr-steps", type=int, default=0, help="UCR pretraining steps (0: the recipe's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "series_probe.jsonl"))
     p.add_argument("--override", nargs="*", default=[], help="extra key=value overrides for every run")
@@ -185,11 +199,13 @@ def main() -> None:
         meta = {"machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "date": datetime.date.today().isoformat(),
                 "command": "python benchmarks/series_probe.py " + " ".join(sys.argv[1:]), "torch": torch.__version__}
         with tempfile.TemporaryDirectory() as tmp:
-            for seed in args.seeds:
+            for method in args.methods:
                 for task in args.tasks:
-                    row = forecast_row(seed, args, Path(tmp)) if task == "etth1" else ucr_row(task, seed, args, Path(tmp))
-                    with out.open("a") as fh:
-                        fh.write(json.dumps({**row, **meta}) + "\n")
+                    for seed in args.seeds:
+                        row = (forecast_row(method, seed, args, Path(tmp)) if task == "etth1"
+                               else ucr_row(method, task, seed, args, Path(tmp)))
+                        with out.open("a") as fh:
+                            fh.write(json.dumps({**row, **meta}) + "\n")
     rows = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.strip()]
     md.write_text(render(rows))
     print(f"wrote {md}", file=sys.stderr)

@@ -42,7 +42,8 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
         model.eval()
         with torch.no_grad():
             feats = model.encode(x)
-            assert feats.shape == (4, 7 * model.encoder.out_dim)
+            per_channel = name == "patchtst"  # PatchTST: each channel's pooled tokens; TS2Vec: one vector
+            assert feats.shape == (4, (7 if per_channel else 1) * model.encoder.out_dim)
             assert torch.equal(model.encoder(x), feats) and torch.equal(model.embed({"series": x}), feats)
         return
     if name == "beit":  # BEiT's visual tokenizer is fitted on data before training

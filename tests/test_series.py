@@ -302,6 +302,7 @@ def test_pretrain_then_forecast_from_the_cli(tmp_path, capsys):
                  "--device", "cpu"]) == 0
     result = json.loads((run / "eval_forecast.json").read_text())
     assert list(result["horizons"]) == ["12"] and result["seq_len"] == 48
+    assert (run / "eval_forecast.png").stat().st_size > 10_000  # the context, the truth and both forecasts
 
     assert main(["export", str(run), str(tmp_path / "enc.safetensors")]) == 0
     enc = load_encoder(tmp_path / "enc.safetensors")
@@ -320,3 +321,80 @@ def test_a_series_method_refuses_other_data_and_encoders(tmp_path):
         load_config(None, tiny_series(tmp_path, "data.source=embedded"))
     with pytest.raises(ConfigError, match="backbone.name=resnet18 is an image encoder; patchtst trains on series"):
         load_config(None, tiny_series(tmp_path, "backbone.name=resnet18"))
+
+
+# --------------------------------------------------------------------------------------
+# TS2Vec
+
+
+def test_ts2vec_loss_against_hand_computed_cases():
+    from selfsup.losses import hierarchical_contrastive_loss
+
+    e = math.e
+    # B = 2, T = 1: the instance loss only (level 0 is the last); rows 1, 0 | 1, 2 of the two views
+    z1, z2 = torch.tensor([[[1.0]], [[0.0]]]), torch.tensor([[[1.0]], [[2.0]]])
+    inst = (2 * (math.log(1 + e + e**2) - 1) + math.log(3) + math.log(1 + 2 * e**2)) / 4
+    assert float(hierarchical_contrastive_loss(z1, z2)) == pytest.approx(0.5 * inst, rel=1e-6)
+    # B = 1, T = 2: the temporal loss at level 0 (no other series to contrast), then one pooled level
+    z1, z2 = torch.tensor([[[1.0], [0.0]]]), torch.tensor([[[0.5], [1.0]]])
+    temp = ((math.log(1 + e**0.5 + e) - 0.5) + math.log(3) + (math.log(2 * e**0.5 + 1) - 0.5)
+            + math.log(e + 1 + e**0.5)) / 4
+    assert float(hierarchical_contrastive_loss(z1, z2)) == pytest.approx(0.5 * temp / 2, rel=1e-6)
+
+
+def test_ts2vec_crops_share_the_overlap():
+    from selfsup.methods.ts2vec import draw_crops, take_per_row
+
+    torch.manual_seed(0)
+    x = torch.arange(40.0).repeat(8, 2, 1) + 100 * torch.arange(8.0)[:, None, None]  # (8, 2, 40): step index
+    for _ in range(50):
+        s1, s2, len1, len2, overlap = draw_crops(8, 40)
+        assert 2 <= overlap <= min(len1, len2) and ((s1 >= 0) & (s1 + len1 <= 40) & (s2 >= 0) & (s2 + len2 <= 40)).all()
+        v1, v2 = take_per_row(x, s1, len1), take_per_row(x, s2, len2)
+        assert torch.equal(v1[..., -overlap:], v2[..., :overlap])  # view 1 ends, view 2 starts, with the overlap
+
+
+TS2VEC_TINY = ["method.name=ts2vec", "backbone.name=ts2vec", "backbone.width=8", "backbone.embed_dim=16",
+               "backbone.depth=3", "data.batch_size=4", "data.eval_batch_size=64", "optim.name=adamw", "optim.lr=1e-3",
+               "optim.lr_scaling=none", "optim.warmup_epochs=0", "trainer.progress=false", "trainer.precision=32",
+               "trainer.device=cpu", "eval.final_knn=false"]
+
+
+def test_ts2vec_trains_on_a_set_and_encodes_with_the_weight_average(tmp_path):
+    from selfsup.core.build import build_method
+
+    pytest.importorskip("sktime")
+    cfg = load_config(None, [*TS2VEC_TINY, "data.source=ucr:BasicMotions", f"trainer.out_dir={tmp_path}"])
+    method = build_method(cfg)
+    assert method.backbone.in_chans == 6  # fixed from the data
+    x = series_set("ucr:BasicMotions", "train").x[:4]
+    start = [p.clone() for p in method.backbone.parameters()]
+    opt = torch.optim.SGD(method.backbone.parameters(), lr=0.1)
+    snapshots = []
+    for _ in range(2):
+        loss, _ = method({"series": x})
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        method.on_step_end(None)
+        snapshots.append([p.clone() for p in method.backbone.parameters()])
+    for avg, p0, p1, p2 in zip(method.average.parameters(), start, *snapshots):
+        assert torch.allclose(avg, (p0 + p1 + p2) / 3, atol=1e-6)  # the initial weights and every step's
+    method.eval()
+    with torch.no_grad():
+        assert torch.equal(method.encode(x), method.average(x)) and method.encode(x).shape == (4, 16)
+
+
+def test_ts2vec_resumes_exactly_and_forecasts(tmp_path):
+    from tests.conftest import resume_matches_straight
+
+    from selfsup.eval.forecast import forecast_probe
+
+    cfg = load_config(None, [*TS2VEC_TINY, f"data.source={EMBEDDED_SERIES}", "data.seq_len=32", "trainer.max_steps=4",
+                             f"trainer.out_dir={tmp_path}"])
+    resume_matches_straight(cfg, tmp_path, until_step=2)
+    from selfsup.core.build import build_method
+
+    result = forecast_probe(build_method(cfg).eval(), cfg, device=torch.device("cpu"), horizons=(8,), epochs=1,
+                            lrs=(1e-3,), baseline=False)
+    assert 0 < result["horizons"]["8"]["encoder"]["mse"] < 3  # a joint head: 16 features -> 7 x 8 values

@@ -63,6 +63,8 @@ RECIPES = {
     **{name: (None, [f"method.name={name}", *TEXT_TINY]) for name in ("clm", "mlm", "t5")},
     "data2vec_text": (None, ["method.name=data2vec_text", "method.top_k=2", *TEXT_TINY]),
     "patchtst": (None, ["method.name=patchtst", *SERIES_TINY]),
+    "ts2vec": (None, ["method.name=ts2vec", *SERIES_TINY, "backbone.name=ts2vec", "backbone.width=8",
+                      "backbone.depth=2"]),
 }
 
 
@@ -84,7 +86,8 @@ def _poison(method: torch.nn.Module, on: dict) -> None:
     """While ``on["nan"]``, every augmented view comes out NaN (the methods make their views with
     ``Augment`` modules) and so does every input of the backbone's ``forward`` (jigsaw cuts its
     tiles itself); text methods: every token embedding (token ids cannot be NaN); series methods:
-    every patch embedding (the BatchNorm statistics after it must not move)."""
+    every patch or timestamp embedding (PatchTST's BatchNorm statistics after it must not move, nor
+    TS2Vec's weight average)."""
     def nan(x):
         return torch.full_like(x, float("nan")) if on["nan"] else x
 
@@ -92,7 +95,8 @@ def _poison(method: torch.nn.Module, on: dict) -> None:
         method.backbone.model.tok_embed.register_forward_hook(lambda module, args, out: nan(out))
         return
     if "series" in method.modalities:
-        method.backbone.model.patch_embed.register_forward_hook(lambda module, args, out: nan(out))
+        first = getattr(method.backbone.model, "patch_embed", None) or method.backbone.model.input_fc
+        first.register_forward_hook(lambda module, args, out: nan(out))
         return
     hooked = [m.register_forward_hook(lambda module, args, out: nan(out))
               for m in method.modules() if isinstance(m, Augment)]

@@ -328,12 +328,13 @@ def _forecast(method, cfg, path: Path, out: Path, args: argparse.Namespace, devi
     if min(horizons) < 1:
         raise ConfigError(f"--horizons must be positive, got {list(horizons)}")
     result = forecast_probe(method, cfg, device=device, source=args.data, horizons=horizons,
-                            epochs=args.epochs or cfg.eval.forecast_epochs, precision=precision)
+                            epochs=args.epochs or cfg.eval.forecast_epochs, precision=precision,
+                            plot=out.with_suffix(".png"))
     result = {"checkpoint": str(path), **result}
     write_text_atomic(out, json.dumps(result, indent=2, default=float))
     _print_table(forecast_table(result), f"forecasting, {result['data']}, context {result['seq_len']} steps "
                                          "(standardized MSE / MAE on the test split)")
-    print(f"saved {out}")
+    print(f"saved {out}" + (f" and {result['plot']}" if result.get("plot") else ""))
     return 0
 
 

@@ -90,6 +90,7 @@ class BackboneConfig:
     img_size: int | None = None  # ViTs: input side (default: the first view's crop size)
     patch_size: int | None = None  # ViTs: patch side (vit_*: default 16); patchtst: steps per patch (12)
     patch_stride: int | None = None  # patchtst: steps between patch starts (default: patch_size, no overlap)
+    in_chans: int | None = None  # series encoders that mix channels (ts2vec): input channels, fixed from the data
     drop_path: float = 0.0
     # vit_tiny / vit_small / vit_base / vit_large (backbones/vit.py)
     pos_embed: str = "sincos"  # fixed 2-D sin-cos (MAE, I-JEPA, MoCo v3) or "learned"
@@ -121,7 +122,7 @@ class BackboneConfig:
         if self.layer_scale is not None:
             _check(self.layer_scale > 0, "backbone.layer_scale", self.layer_scale,
                    "must be > 0 (BEiT 0.1, DINOv2 1e-5), or null for none")
-        for key in ("img_size", "patch_size", "patch_stride", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
+        for key in ("img_size", "patch_size", "patch_stride", "in_chans", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
             value = getattr(self, key)
             if value is not None:
                 _check(value >= 1, f"backbone.{key}", value, "must be >= 1 (or null for the default)")

@@ -99,7 +99,9 @@ def labeled_features(method: Method, cfg: Config, *, device: torch.device, sourc
         dataset = load_feature_split(cfg, split, source)
         if not dataset.has_labels:
             raise DataError(f"{source or cfg.data.source!r} split {split!r} has no labels; kNN and linear "
-                            "evaluation need a labeled dataset (an ImageFolder with one subfolder per class)")
+                            "evaluation need a labeled dataset (images: an ImageFolder with one subfolder per class; "
+                            "text: a table with a label column; series: a labeled set, e.g. .ts files or an .npz "
+                            "with y; a long series is judged by selfsup eval forecast)")
         classes = dataset.classes
         key = None
         if cache is not None:

@@ -44,7 +44,7 @@ from selfsup.config import BackboneConfig
 from selfsup.errors import ConfigError
 from selfsup.registry import register_backbone
 
-__all__ = ["PatchTST", "instance_norm", "patch_count"]
+__all__ = ["PatchTST", "TSEncoder", "instance_norm", "patch_count"]
 
 REVIN_EPS = 1e-5  # RevIN's eps, added to the variance
 
@@ -163,6 +163,12 @@ class PatchTST(Backbone):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.tokens(x)
 
+    def forecast_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(each channel's patch tokens flattened (B, C, N * D), mean (B, C, 1), std (B, C, 1)): what
+        PatchTST's prediction head reads, and the instance statistics that undo its normalization."""
+        normed, mean, std = instance_norm(x)
+        return self.encode_patches(self.patchify(normed)).flatten(2), mean, std
+
     def lr_layer_id(self, name: str) -> int:
         """Layer index for layer-wise lr decay: 0 the embeddings, i + 1 for block i."""
         name = name.removeprefix("model.")
@@ -181,3 +187,105 @@ def build_patchtst(cfg: BackboneConfig) -> PatchTST:
                           f"(backbone.patch_size={patch})")
     return PatchTST(max_len=max_len, patch_size=patch, patch_stride=cfg.patch_stride, embed_dim=dim, depth=depth,
                     num_heads=heads, dropout=cfg.dropout, norm=cfg.norm or "post")
+
+
+# --------------------------------------------------------------------------------------
+# TS2Vec's dilated convolutional encoder
+
+
+class _SamePadConv(nn.Module):
+    """A dilated Conv1d whose output keeps the input's length (the official ``SamePadConv``)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int) -> None:
+        super().__init__()
+        field = (kernel - 1) * dilation + 1
+        self.conv = nn.Conv1d(cin, cout, kernel, padding=field // 2, dilation=dilation)
+        self.remove = 1 if field % 2 == 0 else 0
+        self.kernel, self.dilation = kernel, dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel % 2 and self.dilation >= x.shape[-1]:
+            # every tap but the centre reads the zero padding (|offset| >= T): the same output as a 1x1
+            # conv with the centre weights, without convolving 2 x dilation padded steps (dilation
+            # reaches 1,024 in the last blocks, series are often far shorter)
+            c = self.kernel // 2
+            return F.conv1d(x, self.conv.weight[..., c:c + 1], self.conv.bias)
+        out = self.conv(x)
+        return out[..., : out.shape[-1] - self.remove] if self.remove else out
+
+
+class _ConvBlock(nn.Module):
+    """GELU, dilated conv, GELU, dilated conv, plus the input (through a 1x1 conv where the width
+    changes, and in the last block)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, dilation: int, final: bool) -> None:
+        super().__init__()
+        self.conv1 = _SamePadConv(cin, cout, kernel, dilation)
+        self.conv2 = _SamePadConv(cout, cout, kernel, dilation)
+        self.projector = nn.Conv1d(cin, cout, 1) if cin != cout or final else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        residual = x if self.projector is None else self.projector(x)
+        return self.conv2(F.gelu(self.conv1(F.gelu(x)))) + residual
+
+
+class TSModel(nn.Module):
+    def __init__(self, in_chans: int, hidden: int, out_dim: int, depth: int, kernel: int) -> None:
+        super().__init__()
+        self.input_fc = nn.Linear(in_chans, hidden)
+        widths = [hidden] * depth + [out_dim]
+        self.blocks = nn.Sequential(*(_ConvBlock(widths[i - 1] if i else hidden, w, kernel, 2 ** i, i == depth)
+                                      for i, w in enumerate(widths)))
+        self.repr_dropout = nn.Dropout(0.1)
+
+
+class TSEncoder(Backbone):
+    """TS2Vec's encoder (Yue et al. 2022, "TS2Vec: Towards Universal Representation of Time Series",
+    AAAI, sec. 3.1; official ``models/encoder.py``): a Linear input projection of each timestamp's C
+    values to ``hidden`` (64), timestamps masked to zero where ``mask`` is False (training draws the
+    mask), then ``depth`` (10) residual blocks of two dilated convolutions (kernel 3, dilation 2^i,
+    GELU before each) and a last block to ``out_dim`` (320), and dropout 0.1 on the output: one
+    ``out_dim`` vector per timestamp (``timesteps``). ``forward`` max-pools them over the whole series
+    (the official ``encoding_window='full_series'``), the instance representation its classification
+    protocol reads. Channels are mixed by the input projection, so the encoder is built for
+    ``in_chans`` channels (``backbone.in_chans``, fixed from the data)."""
+
+    def __init__(self, *, in_chans: int, hidden: int = 64, out_dim: int = 320, depth: int = 10, kernel: int = 3) -> None:
+        super().__init__(TSModel(in_chans, hidden, out_dim, depth, kernel), out_dim, "selfsup")
+        self.in_chans, self.hidden, self.depth = in_chans, hidden, depth
+
+    def timesteps(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, T, out_dim) of series (B, C, T); ``mask`` (B, T), False where a timestamp is hidden."""
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"the encoder was built for {self.in_chans} channels (backbone.in_chans), "
+                             f"got series of {x.shape[1]}")
+        h = self.model.input_fc(x.transpose(1, 2))
+        if mask is not None:
+            h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
+        return self.model.repr_dropout(self.model.blocks(h.transpose(1, 2))).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.timesteps(x).amax(1)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.timesteps(x)
+
+    def forecast_features(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(the last timestamp's representation (B, out_dim), zeros, ones): TS2Vec forecasts all channels
+        from the representation of the window's last step (its causal encoding with the window as
+        context), without instance normalization."""
+        b, c = x.shape[:2]
+        zeros = x.new_zeros(b, c, 1)
+        return self.timesteps(x)[:, -1], zeros, zeros + 1
+
+    def lr_layer_id(self, name: str) -> int:
+        name = name.removeprefix("model.")
+        return int(name.split(".")[1]) + 1 if name.startswith("blocks.") else 0
+
+
+@register_backbone("ts2vec", modality="series")
+def build_ts2vec(cfg: BackboneConfig) -> TSEncoder:
+    if cfg.in_chans is None:
+        raise ConfigError("backbone ts2vec: backbone.in_chans is not set; a series run fixes it from the data "
+                          "before building the encoder")
+    return TSEncoder(in_chans=cfg.in_chans, hidden=cfg.width, out_dim=cfg.embed_dim or 320, depth=cfg.depth or 10)

@@ -431,6 +431,13 @@ def series_length(source: str, seq_len: int) -> int:
     return int(raw_set(source, "train").x.shape[2])
 
 
+def series_channels(source: str) -> int:
+    """Channels (variables) of the data: a long series' numeric columns, a set's dimensions."""
+    if is_long_series(source):
+        return len(read_long_csv(source).columns)
+    return int(raw_set(source, "train").x.shape[1])
+
+
 def open_series(source: str, split: str, seq_len: int):
     """What a run trains (or is probed) on: windows of a long series, or a set's series."""
     if is_long_series(source):
@@ -455,6 +462,6 @@ def describe(data) -> str:
 
 
 __all__ = ["EMBEDDED_SERIES", "SeriesSet", "SeriesWindows", "describe", "forecast_windows", "is_series_source",
-           "long_series_split", "open_series", "read_long_csv", "read_ts", "series_length", "series_set",
+           "long_series_split", "open_series", "read_long_csv", "read_ts", "series_channels", "series_length", "series_set",
            "split_rows", "standardize"]
 

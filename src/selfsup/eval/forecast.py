@@ -3,11 +3,12 @@ Table 4), on any series method.
 
 For each horizon H, every context window of ``data.seq_len`` steps of the series' train / val /
 test split (chronological, ``selfsup.data.series``) is encoded once by the frozen encoder
-(``SeriesMethod.forecast_features``: each channel's patch tokens flattened, N * D values, from the
-instance-normalized window). A linear head, shared by the channels (the official
-``PredictionHead``, ``individual=False``; dropout ``head_dropout`` before it), maps them to the H
+(``SeriesMethod.forecast_features``). PatchTST: each channel's patch tokens flattened (N * D values,
+from the instance-normalized window), and a linear head shared by the channels (the official
+``PredictionHead``, ``individual=False``; dropout ``head_dropout`` before it) maps them to the H
 next values in the window's normalized space, which are then de-normalized with the window's own
-mean and std (RevIN's ``denorm``). The head is trained with Adam on the mean squared error against
+mean and std (RevIN's ``denorm``). TS2Vec: the window's last timestamp representation, and a linear
+head maps it to all C x H values at once (TS2Vec's own protocol fits a ridge regression there). The head is trained with Adam on the mean squared error against
 the standardized targets, for ``epochs`` epochs at each learning rate of ``lrs``; the (rate, epoch)
 with the lowest validation MSE is kept and scored on the test split: MSE and MAE over every
 (window, channel, step), the numbers the forecasting tables print.
@@ -20,8 +21,10 @@ score every test window (its test loader drops the last incomplete batch).
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
+from pathlib import Path
 from contextlib import nullcontext
 from typing import Any
 
@@ -72,6 +75,15 @@ def targets(windows: Any) -> Tensor:
     return windows.gather(torch.arange(len(windows)))["target"]
 
 
+def _predict(head: nn.Module, feats: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """(n, C, H) forecasts, de-normalized: a channel-wise head maps (n, C, F) to (n, C, H); a joint
+    head maps (n, F) to all C x H values at once."""
+    out = head(feats)
+    if feats.dim() == 2:
+        out = out.view(len(feats), std.shape[1], -1)
+    return out * std + mean
+
+
 def _scores(head: nn.Module, feats: Tensor, mean: Tensor, std: Tensor, target: Tensor,
             batch_size: int = 1024) -> tuple[float, float]:
     """(MSE, MAE) of the head's de-normalized forecasts over every (window, channel, step)."""
@@ -79,8 +91,8 @@ def _scores(head: nn.Module, feats: Tensor, mean: Tensor, std: Tensor, target: T
     head.eval()
     with torch.no_grad():
         for i in range(0, len(feats), batch_size):
-            pred = head(feats[i:i + batch_size]) * std[i:i + batch_size] + mean[i:i + batch_size]
-            err = pred - target[i:i + batch_size]
+            part = slice(i, i + batch_size)
+            err = _predict(head, feats[part], mean[part], std[part]) - target[part]
             se += float(err.pow(2).sum())
             ae += float(err.abs().sum())
     n = target.numel()
@@ -93,11 +105,12 @@ def fit_head(train: tuple[Tensor, ...], val: tuple[Tensor, ...], test: tuple[Ten
     """Train the shared linear head on (features, mean, std, target) splits; keep the (lr, epoch)
     with the best validation MSE and score it on the test split."""
     dim = train[0].shape[-1]
+    outputs = horizon if train[0].dim() == 3 else horizon * train[3].shape[1]  # per channel, or all at once
     best: dict = {"val_mse": math.inf}
     n = len(train[0])
     for lr in lrs:
         torch.manual_seed(seed)
-        head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(dim, horizon))
+        head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(dim, outputs))
         opt = torch.optim.Adam(head.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         for epoch in tqdm(range(epochs), desc=f"{desc} lr {lr:g}", leave=False, disable=not sys.stderr.isatty()):
@@ -106,7 +119,7 @@ def fit_head(train: tuple[Tensor, ...], val: tuple[Tensor, ...], test: tuple[Ten
             for i in range(0, n, batch_size):
                 idx = order[i:i + batch_size]
                 feats, mean, std, target = (t[idx] for t in train)
-                loss = F.mse_loss(head(feats) * std + mean, target)
+                loss = F.mse_loss(_predict(head, feats, mean, std), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -114,15 +127,17 @@ def fit_head(train: tuple[Tensor, ...], val: tuple[Tensor, ...], test: tuple[Ten
             if val_mse < best["val_mse"]:
                 test_mse, test_mae = _scores(head, *test)
                 best = {"mse": test_mse, "mae": test_mae, "val_mse": val_mse, "val_mae": val_mae, "lr": lr,
-                        "epoch": epoch + 1}
+                        "epoch": epoch + 1, "head": copy.deepcopy(head).eval()}
     return best
 
 
 def forecast_probe(method: Any, cfg: Any, *, device: torch.device, source: str | None = None,
                    horizons: tuple[int, ...] = (96,), epochs: int = 20, lrs: tuple[float, ...] = DEFAULT_LRS,
-                   precision: str = "32", baseline: bool = True) -> dict:
+                   precision: str = "32", baseline: bool = True, plot: Path | None = None) -> dict:
     """Test MSE / MAE per horizon of a linear head on the frozen encoder (see the module docstring),
-    and of the same head on the input window (``input_linear``) when ``baseline``."""
+    and of the same head on the input window (``input_linear``) when ``baseline``. ``plot``: a PNG
+    of one test window's last channel, its context, the truth and both forecasts at the longest
+    horizon (needs matplotlib; skipped without it)."""
     from selfsup.data.series import forecast_windows
 
     src = source or cfg.data.source
@@ -146,8 +161,54 @@ def forecast_probe(method: Any, cfg: Any, *, device: torch.device, source: str |
             split = {s: tuple(t[: len(windows[s])] for t in raw[s]) + (y[s],) for s in base}
             row["input_linear"] = fit_head(split["train"], split["val"], split["test"], h, epochs=epochs, lrs=lrs,
                                            head_dropout=0.0, seed=cfg.trainer.seed, desc=f"H={h} input linear")
+        heads = {k: row[k].pop("head") for k in ("encoder", "input_linear") if k in row}
         result["horizons"][str(h)] = row
+    if plot is not None:
+        result["plot"] = plot_forecast(plot, windows["test"], feats["test"], raw.get("test"), heads, result["data"])
     return result
+
+
+def plot_forecast(path: Path, windows: Any, feats: tuple[Tensor, ...], raw: tuple[Tensor, ...] | None,
+                  heads: dict, name: str) -> str | None:
+    """The middle test window's last channel: the end of its context, the truth and each head's
+    forecast, in standardized units. Returns the path written, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    i = len(windows) // 2
+    sample = windows.gather(torch.tensor([i]))
+    context, truth = sample["series"][0, -1], sample["target"][0, -1]
+    h = len(truth)
+    shown = context[-min(len(context), 2 * h):]
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    x_ctx = torch.arange(-len(shown), 0)
+    x_fut = torch.arange(0, h)
+    ax.plot(x_ctx, shown, color="0.35", linewidth=1.2, label="context")
+    ax.plot(x_fut, truth, color="black", linewidth=1.4, label="truth")
+    for key, color, what in (("encoder", "tab:blue", "linear head on the frozen encoder"),
+                             ("input_linear", "tab:orange", "linear head on the input window")):
+        src = feats if key == "encoder" else raw
+        if key not in heads or src is None:
+            continue
+        part = tuple(t[i:i + 1] for t in src[:3])
+        with torch.no_grad():
+            pred = _predict(heads[key], *part[:1], part[1], part[2])[0, -1]
+        ax.plot(x_fut, pred, color=color, linewidth=1.3, label=what)
+    ax.axvline(0, color="0.6", linestyle=":")
+    ax.set_title(f"{name}: test window {i} of {len(windows)}, last channel, {h} steps ahead")
+    ax.set_xlabel("step (0 = first forecast step)")
+    ax.set_ylabel("standardized value")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
 
 
 def forecast_table(result: dict) -> list[tuple[str, str]]:

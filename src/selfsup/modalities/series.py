@@ -1,8 +1,9 @@
 """The time-series modality: batches of float ``series`` (B, C, T), standardized per channel with
 the training split's statistics (``selfsup.data.series``), encoded by ``selfsup.backbones.series``.
 
-A series run fixes the encoder's length before it is built (``configure``): ``backbone.max_len`` is
-``data.seq_len`` for a long series cut into windows, the series' length for a set of series.
+A series run fixes the encoder's shape before it is built (``configure``): ``backbone.max_len`` is
+``data.seq_len`` for a long series cut into windows, the series' length for a set of series, and
+``backbone.in_chans`` the data's channel count (encoders that mix channels need it).
 
 :class:`SeriesMethod` is the base class of every time-series method: a batch (or a bare tensor
 (B, C, T)) in, the pooled encoder feature out for the probes, and the token features
@@ -33,10 +34,10 @@ class SeriesMethod(Method):
 
     def __init__(self, cfg: Any, backbone: nn.Module, augment: Any = None) -> None:
         super().__init__(cfg, backbone, augment)
-        from selfsup.backbones.series import PatchTST
+        from selfsup.backbones.series import PatchTST, TSEncoder
 
-        if not isinstance(backbone, PatchTST):
-            raise ConfigError(f"{self.name} needs a time-series encoder (patchtst), got {type(backbone).__name__}")
+        if not isinstance(backbone, (PatchTST, TSEncoder)):
+            raise ConfigError(f"{self.name} needs a time-series encoder (patchtst, ts2vec), got {type(backbone).__name__}")
 
     def check(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(batch, torch.Tensor):
@@ -61,13 +62,10 @@ class SeriesMethod(Method):
                 "tokens averaged; load with selfsup.export.load_encoder")
 
     def forecast_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(tokens (B, C, N * D) flattened per channel, mean (B, C, 1), std (B, C, 1)): what PatchTST's
-        prediction head reads, and the instance statistics that undo its normalization."""
-        from selfsup.backbones.series import instance_norm
-
-        enc = self.encoder
-        normed, mean, std = instance_norm(x)
-        return enc.encode_patches(enc.patchify(normed)).flatten(2), mean, std
+        """(features, mean (B, C, 1), std (B, C, 1)) a forecasting head reads: per channel (B, C, F)
+        (PatchTST's flattened patch tokens) or for all channels at once (B, F) (TS2Vec's last
+        timestamp), and the statistics that undo the encoder's input normalization."""
+        return self.encoder.forecast_features(x)
 
 
 def _claims(source: str) -> bool:
@@ -77,12 +75,15 @@ def _claims(source: str) -> bool:
 
 
 def _configure(cfg: Any) -> Any:
-    """Fix ``backbone.max_len`` (the encoder's positions, in time steps) from the data."""
-    if cfg.backbone.max_len is not None:
+    """Fix ``backbone.max_len`` (the encoder's positions, in time steps) and ``backbone.in_chans`` from
+    the data; a config that has them (a resumed or loaded run) is kept as it is."""
+    if cfg.backbone.max_len is not None and cfg.backbone.in_chans is not None:
         return cfg
-    from selfsup.data.series import series_length
+    from selfsup.data.series import series_channels, series_length
 
-    return replace(cfg, backbone=replace(cfg.backbone, max_len=series_length(cfg.data.source, cfg.data.seq_len)))
+    src = cfg.data.source
+    return replace(cfg, backbone=replace(cfg.backbone, max_len=cfg.backbone.max_len or series_length(src, cfg.data.seq_len),
+                                         in_chans=cfg.backbone.in_chans or series_channels(src)))
 
 
 def _open(cfg: Any, split: str, evaluation: bool = False) -> Any:
