@@ -19,11 +19,15 @@ get_method("simclr")  # imports every method, so the registry is complete at col
 MULTI_CROP = ["dino", "dinov2", "swav"]  # the methods whose forward trains on local crops
 NO_LOCAL = sorted(set(registry.METHODS) - set(MULTI_CROP))
 # what a method of each modality needs to load besides its name (the default encoder and data are images)
-_MODALITY_ARGS = {"image": [], "text": ["backbone.name=text_tiny", "data.source=embedded-text"]}
+_MODALITY_ARGS = {"image": [], "text": ["backbone.name=text_tiny", "data.source=embedded-text"],
+                  "series": ["data.source=embedded-series"]}
+_SERIES_ENCODER = {"ts2vec": "ts2vec"}  # the other series methods train PatchTST
 
 
 def _own(name: str) -> list[str]:
-    return [f"method.name={name}", *_MODALITY_ARGS[registry.METHODS[name].modalities[0]]]
+    modality = registry.METHODS[name].modalities[0]
+    encoder = [f"backbone.name={_SERIES_ENCODER.get(name, 'patchtst')}"] if modality == "series" else []
+    return [f"method.name={name}", *_MODALITY_ARGS[modality], *encoder]
 
 
 def test_only_the_multi_crop_methods_declare_local_crops():

@@ -60,6 +60,13 @@ def _two_view(fn: Callable, n: int = 256, d: int = 128, **kw) -> Callable[[torch
     return build
 
 
+def _timesteps(fn: Callable, b: int = 16, t: int = 48, d: int = 64) -> Callable[[torch.Generator], Case]:
+    def build(g: torch.Generator) -> Case:
+        a, c = _pair(g, b * t, d)
+        return {"a": 0.15 * a.view(b, t, d), "b": 0.15 * c.view(b, t, d)}, lambda a, b: fn(a, b)
+    return build
+
+
 def _four_view(fn: Callable, n: int = 256, d: int = 256, **kw) -> Callable[[torch.Generator], Case]:
     """(p1, p2, z1, z2): predictions and projections of two views."""
     def build(g: torch.Generator) -> Case:
@@ -202,6 +209,10 @@ CASES: dict[str, Callable[[torch.Generator], Case]] = {
     "negative_cosine": _two_view(L.negative_cosine, d=256),
     "byol_loss": _four_view(L.byol_loss),
     "simsiam_loss": _four_view(L.simsiam_loss),
+    # TS2Vec: two views' timestamp representations (B, T, D) of the same overlap, scaled so the raw dot
+    # products (no temperature) stay in a trained model's range
+    **{name: _timesteps(getattr(L, name)) for name in
+       ("hierarchical_contrastive_loss", "instance_contrastive_loss", "temporal_contrastive_loss")},
 }
 
 

@@ -26,7 +26,8 @@ from selfsup.train.trainer import Trainer
 
 @pytest.fixture
 def series_modality(monkeypatch):
-    """A second modality, registered for the test: batches keyed ``series``, sources named ``toyseries``."""
+    """A stand-in for the series modality for the test: batches keyed ``series``, and the only source it
+    claims is ``toyseries`` (so the checks below do not depend on the real reader's rules)."""
     toy = M.Modality("series", ("series",), lambda source: source == "toyseries", lambda *a, **k: None)
     monkeypatch.setitem(M.MODALITIES, "series", toy)
     return toy
@@ -38,14 +39,17 @@ def test_the_base_method_knows_no_modality_and_every_method_declares_its_own():
     assert Method.modalities == () and not Method.channels_last
     get_method("simclr")  # registers every method
     from selfsup.modalities.image import ImageMethod
+    from selfsup.modalities.series import SeriesMethod
     from selfsup.modalities.text import TextMethod
 
-    base = {"image": ImageMethod, "text": TextMethod}
+    base = {"image": ImageMethod, "text": TextMethod, "series": SeriesMethod}
     for name, cls in METHODS.items():
         assert len(cls.modalities) == 1 and issubclass(cls, base[cls.modalities[0]]), name
     assert M.modality_of_batch({"images": torch.zeros(1)}) == "image"
     assert M.modality_of_batch({"tokens": torch.zeros(1)}) == "text"
     assert M.modality_of_source("embedded") == "image"
+    assert M.modality_of_batch({"series": torch.zeros(1)}) == "series"
+    assert M.modality_of_source("embedded-series") == "series" and M.modality_of_source("ucr:GunPoint") == "series"
 
 
 def test_a_batch_of_another_modality_is_one_line(series_modality):

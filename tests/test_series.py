@@ -304,6 +304,11 @@ def test_pretrain_then_forecast_from_the_cli(tmp_path, capsys):
     assert list(result["horizons"]) == ["12"] and result["seq_len"] == 48
     assert (run / "eval_forecast.png").stat().st_size > 10_000  # the context, the truth and both forecasts
 
+    for verb, says in (("finetune", "fine-tuning has recipes for image and text encoders; patchtst is a series"),
+                       ("perplexity", "perplexity scores language models")):
+        assert main(["eval", verb, "--checkpoint", str(run), "--device", "cpu"]) == 2
+        assert says in capsys.readouterr().err
+
     assert main(["export", str(run), str(tmp_path / "enc.safetensors")]) == 0
     enc = load_encoder(tmp_path / "enc.safetensors")
     from selfsup.evaluate import load_method

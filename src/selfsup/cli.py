@@ -304,6 +304,9 @@ def _perplexity(method, cfg, path: Path, out: Path, args: argparse.Namespace, de
     from selfsup.eval import format_table
     from selfsup.evaluate import language_model_scores
 
+    if not hasattr(method, "lm_scores"):
+        raise ConfigError(f"perplexity scores language models (clm, mlm, t5); {cfg.method.name} is a "
+                          f"{'/'.join(method.modalities)} method")
     try:
         scores = language_model_scores(method, cfg, device=device, split=args.test_split, source=args.data,
                                        precision=precision)
@@ -351,6 +354,10 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     device, _ = eval_device(args.device)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
     out = _result_path(args.out, path.parent / "eval_finetune.json")
+    if not {"image", "text"} & set(method.modalities):
+        raise ConfigError(f"fine-tuning has recipes for image and text encoders; {cfg.method.name} is a "
+                          f"{'/'.join(method.modalities)} method: probe it with selfsup eval linear / knn"
+                          + (" / forecast" if "series" in method.modalities else ""))
     # images are augmented from the raw split; texts come as tokenized examples
     load = load_feature_split if "text" in method.modalities else load_split
     train = load(cfg, args.train_split or cfg.data.train_split, args.data)
