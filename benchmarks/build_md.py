@@ -142,6 +142,9 @@ QUOTED = [
     ("text_probe", "Text methods (MLM, T5, data2vec) after 300 CPU steps vs their random-init encoder: held-out "
                    "masked-token / span accuracy far above random init; frozen SST-2 and AG News probes not above it "
                    "at this budget"),
+    ("series_probe", "Time series: PatchTST's ETTh1 linear-probe forecast (H = 96, 400 CPU steps, 1 seed) at MSE "
+                     "0.376 beside the paper's 0.371, but not below the same encoder at random init (0.371); on UCR/UEA "
+                     "sets (3 seeds) PatchTST's kNN gains +22.5 points on BasicMotions, TS2Vec's +3.6 on GunPoint"),
     ("nanogpt_anchor", "Causal LM vs nanoGPT's shakespeare_char CPU recipe, same settings, side by side: validation "
                        "loss 1.8972 vs nanoGPT's 1.8982 after 2,000 steps; 0.98x its tokens/s by the median step, "
                        "1.00x by the mean"),

@@ -176,6 +176,9 @@ def render(rows: list[dict]) -> str:
                 out.append(f"| `{method}` | {task[4:]} ({rs[0]['trained']['train']} / {rs[0]['trained']['test']}) | "
                            f"{len(rs)} | {what} | {_ms(t, 1)} | {_ms(z, 1)} | {statistics.mean(gain):+.1f} "
                            f"(min {min(gain):+.1f}) |")
+        out += ["", "No published accuracy is printed beside these: TS2Vec's per-set UCR/UEA accuracies are in its "
+                "paper's appendix tables, which no primary copy available here showed (secondary copies disagree), "
+                "and its protocol is an RBF SVM with a searched C, not these probes."]
     return "\n".join(out) + "\n"
 
 
