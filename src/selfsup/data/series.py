@@ -190,7 +190,8 @@ class SeriesWindows:
         count = end - start - length - horizon + 1
         if count < 1:
             raise DataError(f"{name}: rows {start}..{end} hold no window of data.seq_len={length}"
-                            + (f" + horizon {horizon}" if horizon else "") + "; lower data.seq_len")
+                            + (f" + horizon {horizon}" if horizon else "")
+                            + ("; lower data.seq_len or the horizon" if horizon else "; lower data.seq_len"))
         self.starts = torch.arange(start, start + count) if starts is None else starts
         self.windows = values.unfold(0, length + horizon, 1)  # (rows - span + 1, C, span), a view
         self.name, self.fingerprint = name, fingerprint
