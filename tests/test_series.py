@@ -403,3 +403,14 @@ def test_ts2vec_resumes_exactly_and_forecasts(tmp_path):
     result = forecast_probe(build_method(cfg).eval(), cfg, device=torch.device("cpu"), horizons=(8,), epochs=1,
                             lrs=(1e-3,), baseline=False)
     assert 0 < result["horizons"]["8"]["encoder"]["mse"] < 3  # a joint head: 16 features -> 7 x 8 values
+
+
+@pytest.mark.parametrize("length,dilation", [(150, 256), (150, 1024), (600, 512), (20, 16)])
+def test_ts2vec_conv_skips_only_taps_that_read_padding(length, dilation):
+    """The shortcut for dilations past the series length gives the full dilated conv's output."""
+    from selfsup.backbones.series import _SamePadConv
+
+    torch.manual_seed(0)
+    conv = _SamePadConv(8, 8, 3, dilation)
+    x = torch.randn(2, 8, length)
+    assert torch.allclose(conv(x), conv.conv(x), atol=1e-5)
