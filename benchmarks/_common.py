@@ -28,6 +28,15 @@ def machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
+def run_meta(script: str) -> dict:
+    """What a benchmark's JSON rows carry beside their numbers: machine (CPU and torch threads), date,
+    the command that ran (``script`` and this process's arguments) and the torch version."""
+    import datetime as dt
+
+    return {"machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "date": dt.date.today().isoformat(),
+            "command": f"python benchmarks/{script} " + " ".join(sys.argv[1:]), "torch": torch.__version__}
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set in MiB (VmHWM). Not ``ru_maxrss``: Linux carries that across
     ``exec`` from the parent, so a child started by a benchmark would report the parent's peak."""

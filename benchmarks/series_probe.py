@@ -23,7 +23,6 @@ the rest):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
 import sys
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import cpu_model
+from _common import run_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 UCR_SETS = ("GunPoint", "BasicMotions")
@@ -199,8 +198,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "date": datetime.date.today().isoformat(),
-                "command": "python benchmarks/series_probe.py " + " ".join(sys.argv[1:]), "torch": torch.__version__}
+        meta = run_meta("series_probe.py")
         with tempfile.TemporaryDirectory() as tmp:
             for method in args.methods:
                 for task in args.tasks:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _common import cpu_model
+from _common import run_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text"
@@ -188,8 +187,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": f"{cpu_model()}, {torch.get_num_threads()} threads", "date": datetime.date.today().isoformat(),
-            "command": "python benchmarks/text_probe.py " + " ".join(sys.argv[1:]), "torch": torch.__version__}
+    meta = run_meta("text_probe.py")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = build_corpus(Path(tmp) / "corpus")
         for method_name in args.methods:

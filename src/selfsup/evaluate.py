@@ -170,8 +170,8 @@ def final_knn(method: Method, cfg: Config, device: torch.device, precision: str)
     result = {"trained": run_knn(feats, cfg), "bank_samples": int(feats[0].shape[0]),
               "test_samples": int(feats[2].shape[0]), "leave_one_out": same_images(feats)}
     if cfg.eval.compare_random_init:
-        seeds = [cfg.trainer.seed + i for i in range(cfg.eval.random_init_seeds)]
-        runs = [{"seed": seed, "knn": _random_init_knn(method, cfg, seed, device, precision)} for seed in seeds]
+        runs = [{"seed": seed, "knn": _random_init_knn(method, cfg, seed, device, precision)}
+                for seed in _random_init_seeds(cfg)]
         result["random_init"] = _mean_knn([r["knn"] for r in runs])
         result["random_init_runs"] = runs
     return result
@@ -188,12 +188,10 @@ def final_forecast(method: Method, cfg: Config, device: torch.device, precision:
     result = forecast_probe(method, cfg, device=device, horizons=horizons, epochs=cfg.eval.forecast_epochs,
                             precision=precision)
     if cfg.eval.compare_random_init:
-        seeds = [cfg.trainer.seed + i for i in range(cfg.eval.random_init_seeds)]
-        runs = []
-        for seed in seeds:
-            rand = build_method(replace(cfg, trainer=replace(cfg.trainer, seed=seed))).to(device)
-            runs.append(forecast_probe(rand, cfg, device=device, horizons=horizons, epochs=cfg.eval.forecast_epochs,
-                                       precision=precision, baseline=False))
+        seeds = _random_init_seeds(cfg)
+        runs = [forecast_probe(_random_init(cfg, seed, device), cfg, device=device, horizons=horizons,
+                               epochs=cfg.eval.forecast_epochs, precision=precision, baseline=False)
+                for seed in seeds]
         for h, row in result["horizons"].items():
             scores = [r["horizons"][h]["encoder"] for r in runs]
             row["random_init"] = {"mse": sum(s["mse"] for s in scores) / len(scores),
@@ -202,9 +200,19 @@ def final_forecast(method: Method, cfg: Config, device: torch.device, precision:
     return result
 
 
+def _random_init_seeds(cfg: Config) -> list[int]:
+    """The random inits the final evaluations average: ``trainer.seed``, ``trainer.seed + 1``, ..."""
+    return [cfg.trainer.seed + i for i in range(cfg.eval.random_init_seeds)]
+
+
+def _random_init(cfg: Config, seed: int, device: torch.device) -> Method:
+    """``cfg``'s architecture freshly built with ``seed`` (``build_method`` seeds from the config)."""
+    return build_method(replace(cfg, trainer=replace(cfg.trainer, seed=seed))).to(device)
+
+
 def _random_init_knn(method: Method, cfg: Config, seed: int, device: torch.device, precision: str) -> dict:
-    """kNN of ``cfg``'s architecture freshly built with ``seed`` (``build_method`` seeds from the config)."""
-    rand = build_method(replace(cfg, trainer=replace(cfg.trainer, seed=seed))).to(device)
+    """kNN of ``cfg``'s architecture freshly built with ``seed``."""
+    rand = _random_init(cfg, seed, device)
     if method.channels_last and rand.use_channels_last(True):
         rand = rand.to(memory_format=torch.channels_last)
     return run_knn(labeled_features(rand, cfg, device=device, precision=precision), cfg)

@@ -91,13 +91,8 @@ class PatchTSTPretrain(SeriesMethod):
         tokens = self.backbone.encode_patches(inputs)  # (B, C, N, D)
         pred = self.head(tokens)  # (B, C, N, P)
         loss = mae_loss(pred.flatten(0, 1), target.flatten(0, 1), mask.flatten(0, 1), norm_pix_loss=False)
-        with torch.no_grad():  # how well the visible patches are copied through, for the logs
-            visible = (pred.float() - target.float()).pow(2).mean(-1)[~mask].mean()
+        with torch.no_grad():  # how well the visible patches are copied through, for the logs (no host sync)
+            shown = (~mask).to(torch.float32)
+            visible = ((pred.float() - target.float()).pow(2).mean(-1) * shown).sum() / shown.sum().clamp_min(1.0)
         return StepOutput(loss, {"mse_visible": visible},
                           embeddings=tokens.detach().mean(2).flatten(0, 1))
-
-    @torch.no_grad()
-    def reconstruct_series(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(normalized patches, reconstructions, mask) of raw windows ``x`` (B, C, T), one random mask."""
-        target, inputs, mask = self.masked_inputs(x)
-        return target, self.head(self.backbone.encode_patches(inputs)), mask

@@ -121,7 +121,7 @@ class TS2Vec(SeriesMethod):
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
         super().on_step_end(progress)
-        n = self.n_averaged.item()
+        weight = 1.0 / (self.n_averaged + 1)  # a device tensor: no host sync on the step's hot path
         for avg, cur in zip(self.average.parameters(), self.backbone.parameters()):
-            avg.add_((cur.detach() - avg) / (n + 1))
+            avg.add_((cur.detach() - avg) * weight)
         self.n_averaged += 1
