@@ -46,6 +46,18 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
             assert feats.shape == (4, (7 if per_channel else 1) * model.encoder.out_dim)
             assert torch.equal(model.encoder(x), feats) and torch.equal(model.embed({"series": x}), feats)
         return
+    if "audio" in model.modalities:  # waveforms (B, 1, samples) in, the pooled spectrogram-patch tokens out
+        x = 0.1 * torch.randn(4, 1, 4000, generator=torch.Generator().manual_seed(3))
+        loss, metrics = model({"audio": x})
+        assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad and isinstance(metrics, dict)
+        model.eval()
+        with torch.no_grad():
+            spec = model.preprocess({"audio": x})
+            assert spec.shape == (4, 1, model.encoder.frames, model.encoder.n_mels)
+            feats = model.encode(spec)
+            assert feats.shape == (4, model.encoder.out_dim)
+            assert torch.equal(model.encoder(x), feats) and torch.equal(model.embed({"audio": x}), feats)
+        return
     if name == "beit":  # BEiT's visual tokenizer is fitted on data before training
         model.fit_tokenizer(_images(64))
     loss, metrics = model({"images": _images()})

@@ -20,7 +20,8 @@ MULTI_CROP = ["dino", "dinov2", "swav"]  # the methods whose forward trains on l
 NO_LOCAL = sorted(set(registry.METHODS) - set(MULTI_CROP))
 # what a method of each modality needs to load besides its name (the default encoder and data are images)
 _MODALITY_ARGS = {"image": [], "text": ["backbone.name=text_tiny", "data.source=embedded-text"],
-                  "series": ["data.source=embedded-series"]}
+                  "series": ["data.source=embedded-series"],
+                  "audio": ["data.source=embedded-audio", "backbone.name=audio_vit_tiny"]}
 _SERIES_ENCODER = {"ts2vec": "ts2vec"}  # the other series methods train PatchTST
 
 

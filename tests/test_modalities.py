@@ -39,10 +39,11 @@ def test_the_base_method_knows_no_modality_and_every_method_declares_its_own():
     assert Method.modalities == () and not Method.channels_last
     get_method("simclr")  # registers every method
     from selfsup.modalities.image import ImageMethod
+    from selfsup.modalities.audio import AudioMethod
     from selfsup.modalities.series import SeriesMethod
     from selfsup.modalities.text import TextMethod
 
-    base = {"image": ImageMethod, "text": TextMethod, "series": SeriesMethod}
+    base = {"image": ImageMethod, "text": TextMethod, "series": SeriesMethod, "audio": AudioMethod}
     for name, cls in METHODS.items():
         assert len(cls.modalities) == 1 and issubclass(cls, base[cls.modalities[0]]), name
     assert M.modality_of_batch({"images": torch.zeros(1)}) == "image"

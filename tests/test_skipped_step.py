@@ -40,6 +40,12 @@ SERIES_TINY = ["data.source=embedded-series", "data.seq_len=32", "data.batch_siz
                "backbone.dropout=0.1", "optim.name=adamw", "optim.lr=1e-3", "optim.lr_scaling=none",
                "eval.final_knn=false"]
 
+# a tiny audio ViT on the embedded spoken digits (half-second clips, 8 x 8 patches of a 32-filter log-mel)
+AUDIO_TINY = ["data.source=embedded-audio", "data.clip_seconds=0.5", "data.batch_size=4", "backbone.name=audio_vit_tiny",
+              "backbone.patch_size=8", "backbone.n_mels=32", "backbone.embed_dim=32", "backbone.depth=2",
+              "backbone.num_heads=2", "backbone.pool=mean", "optim.name=adamw", "optim.lr=1e-3", "optim.lr_scaling=none",
+              "eval.final_knn=false"]
+
 # (recipe, overrides) per method, with every piece of state switched on: SwAV's queue from the first
 # step, DINOv2's centres (its default Sinkhorn centering keeps none)
 RECIPES = {
@@ -65,6 +71,9 @@ RECIPES = {
     "patchtst": (None, ["method.name=patchtst", *SERIES_TINY]),
     "ts2vec": (None, ["method.name=ts2vec", *SERIES_TINY, "backbone.name=ts2vec", "backbone.width=8",
                       "backbone.depth=2"]),
+    "audio_mae": (None, ["method.name=audio_mae", "method.decoder_dim=32", "method.decoder_depth=2",
+                         "method.decoder_heads=2", *AUDIO_TINY]),
+    "data2vec_audio": (None, ["method.name=data2vec_audio", "method.top_k=2", *AUDIO_TINY]),
 }
 
 
@@ -87,12 +96,15 @@ def _poison(method: torch.nn.Module, on: dict) -> None:
     ``Augment`` modules) and so does every input of the backbone's ``forward`` (jigsaw cuts its
     tiles itself); text methods: every token embedding (token ids cannot be NaN); series methods:
     every patch or timestamp embedding (PatchTST's BatchNorm statistics after it must not move, nor
-    TS2Vec's weight average)."""
+    TS2Vec's weight average); audio methods: every spectrogram patch embedding."""
     def nan(x):
         return torch.full_like(x, float("nan")) if on["nan"] else x
 
     if "text" in method.modalities:
         method.backbone.model.tok_embed.register_forward_hook(lambda module, args, out: nan(out))
+        return
+    if "audio" in method.modalities:  # every spectrogram patch embedding (the EMA teacher's own is not hooked)
+        method.backbone.model.patch_embed.proj.register_forward_hook(lambda module, args, out: nan(out))
         return
     if "series" in method.modalities:
         first = getattr(method.backbone.model, "patch_embed", None) or method.backbone.model.input_fc

@@ -58,6 +58,10 @@ class DataConfig:
     seq_len: int = 128
     text_column: str | None = None  # default: "text"/"sentence", else the first column
     label_column: str | None = None  # default: "label", else the last column of a TSV/CSV
+    # audio (selfsup.data.audio): every recording resampled to sample_rate Hz (null: the rate most files
+    # have) and cut or zero-padded to clip_seconds (null: the shortest 0.25 s multiple holding 95% of them)
+    sample_rate: int | None = None
+    clip_seconds: float | None = None
 
     def validate(self) -> None:
         _check(self.mode in ("auto", "memory", "stream", "shards"), "data.mode", self.mode,
@@ -76,6 +80,10 @@ class DataConfig:
             _check(self.decode_size >= 8, "data.decode_size", self.decode_size, "must be >= 8")
         _check(self.tokenizer_vocab >= 64, "data.tokenizer_vocab", self.tokenizer_vocab, "must be >= 64")
         _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
+        if self.sample_rate is not None:
+            _check(self.sample_rate >= 1000, "data.sample_rate", self.sample_rate, "must be >= 1000 Hz (or null)")
+        if self.clip_seconds is not None:
+            _check(self.clip_seconds > 0, "data.clip_seconds", self.clip_seconds, "must be > 0 (or null)")
 
 
 @dataclass
@@ -104,6 +112,12 @@ class BackboneConfig:
     bias: bool = True  # Linear and LayerNorm biases (nanoGPT's shakespeare_char: false)
     dropout: float = 0.0
     tokenizer: str | None = None  # the tokenizer file the encoder embeds (filled in from data.tokenizer)
+    # audio encoders (audio_vit_*, backbones/audio.py): a log-mel spectrogram of n_mels filters every 10 ms
+    # (max_len: the clip's samples, fixed from the data like sample_rate), normalized as Audio-MAE with the
+    # [mean, std] of the training recordings' log-mels (spec_norm, fixed from the data)
+    n_mels: int = 128
+    sample_rate: int | None = None
+    spec_norm: list[float] | None = None
     depth: int | None = None  # override the size's number of blocks
     embed_dim: int | None = None  # override the size's width
     num_heads: int | None = None  # override the size's attention heads
@@ -122,7 +136,11 @@ class BackboneConfig:
         if self.layer_scale is not None:
             _check(self.layer_scale > 0, "backbone.layer_scale", self.layer_scale,
                    "must be > 0 (BEiT 0.1, DINOv2 1e-5), or null for none")
-        for key in ("img_size", "patch_size", "patch_stride", "in_chans", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
+        _check(self.n_mels >= 8, "backbone.n_mels", self.n_mels, "must be >= 8")
+        if self.spec_norm is not None:
+            _check(len(self.spec_norm) == 2 and self.spec_norm[1] > 0, "backbone.spec_norm", self.spec_norm,
+                   "must be [mean, std] with std > 0 (or null: measured on the training data)")
+        for key in ("img_size", "patch_size", "sample_rate", "patch_stride", "in_chans", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
             value = getattr(self, key)
             if value is not None:
                 _check(value >= 1, f"backbone.{key}", value, "must be >= 1 (or null for the default)")

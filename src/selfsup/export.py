@@ -140,7 +140,8 @@ def export_text_encoder(method, cfg, path: Path, out: str | Path) -> dict:
 
 def load_encoder(path: str | Path) -> torch.nn.Module:
     """Rebuild the exported encoder and load its weights: the torchvision / timm module itself, or for
-    selfsup's own encoders (time series) the selfsup backbone, whose ``forward`` is the pooled feature."""
+    selfsup's own encoders (time series) and the encoders with a front end (audio: the spectrogram) the
+    selfsup backbone, whose ``forward`` is the pooled feature of the raw input."""
     from selfsup.backbones import build_backbone
     from selfsup.config import from_dict
 
@@ -161,7 +162,7 @@ def load_encoder(path: str | Path) -> torch.nn.Module:
     cfg = from_dict(BackboneConfig, json.loads(meta["backbone"]), "backbone")
     backbone = build_backbone(cfg)
     backbone.model.load_state_dict(state)
-    return (backbone if backbone.family == "selfsup" else backbone.model).eval()
+    return (backbone if backbone.family == "selfsup" or backbone.loads_whole else backbone.model).eval()
 
 
 def _load_text_encoder(folder: Path, meta: dict) -> torch.nn.Module:

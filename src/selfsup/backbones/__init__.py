@@ -19,6 +19,9 @@ class Backbone(nn.Module):
     """Wraps a third-party encoder as ``self.model``; ``out_dim`` is the pooled feature size."""
 
     out_dim: int
+    # selfsup.export.load_encoder returns the backbone itself rather than its inner model: encoders whose
+    # forward does more than the inner model (the audio ViT computes its spectrogram first)
+    loads_whole: bool = False
 
     def __init__(self, model: nn.Module, out_dim: int, family: str) -> None:
         super().__init__()
@@ -111,5 +114,6 @@ def build_backbone(cfg: BackboneConfig) -> Backbone:
 from selfsup.backbones.vit import ViT, sincos_2d_pos_embed  # noqa: E402
 from selfsup.backbones.text import TextEncoder  # noqa: E402  (text_tiny ... text_base)
 from selfsup.backbones.series import PatchTST  # noqa: E402  (patchtst)
+from selfsup.backbones.audio import AudioViT  # noqa: E402  (audio_vit_tiny ... audio_vit_base)
 
-__all__ = ["Backbone", "PatchTST", "TextEncoder", "ViT", "build_backbone", "sincos_2d_pos_embed"]
+__all__ = ["AudioViT", "Backbone", "PatchTST", "TextEncoder", "ViT", "build_backbone", "sincos_2d_pos_embed"]

@@ -47,6 +47,8 @@ from torch.utils.checkpoint import checkpoint
 from selfsup.backbones import Backbone
 from selfsup.config import BackboneConfig
 from selfsup.errors import ConfigError
+from selfsup.nn.decoders import mae_init
+from selfsup.nn.positions import sincos_2d_pos_embed
 from selfsup.registry import register_backbone
 
 __all__ = ["ViT", "VIT_SIZES", "sincos_2d_pos_embed"]
@@ -60,47 +62,18 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
-def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int, cls_token: bool = False, *,
-                        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    r"""Fixed 2-D sine-cosine position embedding, as MAE's ``get_2d_sincos_pos_embed`` (after
-    the Transformer's 1-D one and MoCo v3), for a ``grid_h x grid_w`` patch grid in row-major
-    order: returns ``(1, N, dim)`` or, with ``cls_token``, ``(1, 1 + N, dim)`` with a zero row first.
-
-    The first ``dim/2`` channels encode the column index ``w`` and the last ``dim/2`` the row index
-    ``h`` (MAE builds the grid with ``meshgrid(grid_w, grid_h)``, "w goes first"); each half is
-    the 1-D embedding of a position ``x`` with ``d = dim/2`` channels and ``\omega_k = 10000^{-2k/d}``,
-    ``k = 0..d/2-1``:
-
-    .. math:: [\sin(x\,\omega_0), \dots, \sin(x\,\omega_{d/2-1}), \cos(x\,\omega_0), \dots, \cos(x\,\omega_{d/2-1})]
-
-    ``dim`` must be divisible by 4.
-    """
-    if dim % 4:
-        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
-    h, w = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
-                          indexing="ij")
-
-    def one_d(pos: Tensor) -> Tensor:
-        out = pos.reshape(-1, 1) * omega  # (N, dim/4)
-        return torch.cat([out.sin(), out.cos()], dim=1)
-
-    emb = torch.cat([one_d(w), one_d(h)], dim=1)  # (N, dim)
-    if cls_token:
-        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb])
-    return emb.unsqueeze(0).to(device=device, dtype=dtype)
-
-
 class ViT(Backbone):
     """A timm VisionTransformer (``self.model``, CLS token, no classifier) plus a ``mask_token``.
+
+    ``img_size`` is a side or ``(height, width)`` (spectrograms: (frames, mel bins)); ``in_chans``
+    the input channels (1 for a spectrogram).
 
     ``forward(x)`` is the pooled feature ``(B, D)``: the final-normed CLS token (``pool="cls"``)
     or the mean of the final-normed patch tokens (``pool="mean"``); timm's own forward of
     ``self.model`` gives the same (``global_pool`` "token" / "avg" with ``fc_norm=False``).
     """
 
-    def __init__(self, *, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+    def __init__(self, *, img_size: int | tuple[int, int] = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, in_chans: int = 3, pos_embed: str = "sincos",
                  pool: str = "cls", drop_path: float = 0.0, grad_checkpointing: bool = False,
                  layer_scale: float | None = None) -> None:
@@ -110,10 +83,11 @@ class ViT(Backbone):
             raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        if img_size % patch_size:
+        height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if height % patch_size or width % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         model = VisionTransformer(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=0,
+            img_size=(height, width), patch_size=patch_size, in_chans=in_chans, num_classes=0,
             global_pool="token" if pool == "cls" else "avg", fc_norm=False, embed_dim=embed_dim, depth=depth,
             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
             dynamic_img_size=True,  # timm's own forward also takes any size (report, multi-crop)
@@ -125,7 +99,7 @@ class ViT(Backbone):
         self.pool = pool
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.patch_size, self.img_size, self.in_chans = patch_size, img_size, in_chans
-        self.grid_size: tuple[int, int] = (img_size // patch_size, img_size // patch_size)
+        self.grid_size: tuple[int, int] = (height // patch_size, width // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.set_grad_checkpointing(grad_checkpointing)
@@ -147,14 +121,7 @@ class ViT(Backbone):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(m.cls_token, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for mod in m.modules():
-            if isinstance(mod, nn.Linear):
-                nn.init.xavier_uniform_(mod.weight)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.LayerNorm):
-                nn.init.ones_(mod.weight)
-                nn.init.zeros_(mod.bias)
+        mae_init(m)
 
     # ---- switches and helpers ----------------------------------------------------------
 
@@ -211,9 +178,10 @@ class ViT(Backbone):
         x = torch.einsum("nchpwq->nhwpqc", x)
         return x.reshape(b, gh * gw, p * p * c)
 
-    def unpatchify(self, x: Tensor, C: int = 3, grid: tuple[int, int] | None = None) -> Tensor:  # noqa: N803
-        """Inverse of :meth:`patchify`: ``(B, N, p*p*C) -> (B, C, gh*p, gw*p)``; ``grid`` defaults
-        to the built grid when N matches it, else to a square grid."""
+    def unpatchify(self, x: Tensor, C: int | None = None, grid: tuple[int, int] | None = None) -> Tensor:  # noqa: N803
+        """Inverse of :meth:`patchify`: ``(B, N, p*p*C) -> (B, C, gh*p, gw*p)``, C the input channels
+        by default; ``grid`` defaults to the built grid when N matches it, else to a square grid."""
+        C = self.in_chans if C is None else C  # noqa: N806
         b, n, _ = x.shape
         p = self.patch_size
         if grid is None:

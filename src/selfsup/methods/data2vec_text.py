@@ -34,7 +34,7 @@ from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import data2vec_loss, data2vec_targets
 from selfsup.modalities.text import TextMethod
-from selfsup.nn.teacher import annealed_decay, ema_update, make_teacher
+from selfsup.nn.teacher import annealed_decay, check_annealed_decay, ema_update, make_teacher
 from selfsup.pretext.text_masking import IGNORE_INDEX, mlm_mask
 from selfsup.registry import register_method
 
@@ -58,11 +58,9 @@ class Data2VecTextConfig(MethodConfig):
             raise ConfigError(f"method.mask_prob={self.mask_prob}: must be in (0, 1)")
         if self.mask_frac < 0 or self.random_frac < 0 or self.mask_frac + self.random_frac > 1.0:
             raise ConfigError("method.mask_frac and method.random_frac must be >= 0 and sum to at most 1")
-        for key in ("ema_decay", "ema_end_decay"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"method.{key}={getattr(self, key)}: must be in [0, 1]")
-        if self.ema_anneal_end_step < 0 or self.loss_beta < 0:
-            raise ConfigError("method.ema_anneal_end_step and method.loss_beta must be >= 0")
+        check_annealed_decay(self)
+        if self.loss_beta < 0:
+            raise ConfigError(f"method.loss_beta={self.loss_beta}: must be >= 0")
 
 
 @register_method

@@ -43,64 +43,18 @@ ImageNet statistics before the model).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 
-from selfsup.backbones.vit import sincos_2d_pos_embed
 from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import mae_loss
 from selfsup.losses.reconstruction import patch_stats
 from selfsup.modalities.image import ImageMethod
-from selfsup.pretext.masking import random_masking
+from selfsup.nn.decoders import MAEDecoder
+from selfsup.pretext.masking import random_masking, visible_estimate
 from selfsup.registry import register_method
-
-
-class MAEDecoder(nn.Module):
-    """The official decoder: Linear(enc -> dim), mask tokens, unshuffle, fixed 2-D sin-cos
-    positions (zeros for CLS), ``depth`` timm Blocks, LayerNorm, Linear(dim -> patch_dim)."""
-
-    def __init__(self, in_dim: int, patch_dim: int, grid: tuple[int, int], dim: int = 512, depth: int = 8,
-                 num_heads: int = 16, mlp_ratio: float = 4.0) -> None:
-        super().__init__()
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.embed = nn.Linear(in_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm)
-                                    for _ in range(depth))
-        self.norm = norm(dim)
-        self.pred = nn.Linear(dim, patch_dim)
-        self.grid = tuple(grid)
-        # fixed, so not a parameter and not in checkpoints; rebuilt for another input grid
-        self.register_buffer("pos_embed", sincos_2d_pos_embed(dim, *self.grid, cls_token=True), persistent=False)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor,
-                grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """latent: (B, 1+K, in_dim) encoder output, CLS first, visible tokens in shuffled order;
-        ids_restore: (B, N) with N = gh*gw. Returns (B, N, patch_dim) in image (raster) order."""
-        x = self.embed(latent)
-        b, n, d = x.shape[0], ids_restore.shape[1], x.shape[2]
-        tokens = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(b, n + 1 - x.shape[1], d)], dim=1)
-        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, d))  # unshuffle
-        x = torch.cat([x[:, :1], tokens], dim=1)
-        grid = tuple(grid or self.grid)
-        pos = self.pos_embed if grid == self.grid else sincos_2d_pos_embed(d, *grid, cls_token=True, device=x.device)
-        x = x + pos.to(x.dtype)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.pred(self.norm(x))[:, 1:]
 
 
 @dataclass
@@ -175,21 +129,8 @@ class MAE(ImageMethod):
         grid = self.backbone.grid_of(images)
         if self.cfg.norm_pix_loss:
             mean, std = patch_stats(target)
-            pred = pred * _visible_estimate(std, masks.mask, grid) + _visible_estimate(mean, masks.mask, grid)
+            pred = pred * visible_estimate(std, masks.mask, grid) + visible_estimate(mean, masks.mask, grid)
         target = target.float()
         masked = torch.where(hidden, torch.zeros_like(target), target)
         recon = torch.where(hidden, pred, target)
         return self.backbone.unpatchify(masked, grid=grid), self.backbone.unpatchify(recon, grid=grid)
-
-
-def _visible_estimate(stat: torch.Tensor, hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, N, 1) per-patch statistic -> the mean of it over the visible patches of each patch's
-    3x3 neighbourhood (the image-wide visible mean where no neighbour is visible)."""
-    b = stat.shape[0]
-    vis = (~hidden).float().view(b, 1, *grid)
-    val = stat.view(b, 1, *grid) * vis
-    num = F.avg_pool2d(val, 3, stride=1, padding=1, count_include_pad=False)
-    den = F.avg_pool2d(vis, 3, stride=1, padding=1, count_include_pad=False)
-    image = val.sum(dim=(2, 3), keepdim=True) / vis.sum(dim=(2, 3), keepdim=True).clamp_min(1)
-    est = torch.where(den > 0, num / den.clamp_min(1e-12), image.expand_as(num))
-    return est.view(b, -1, 1)

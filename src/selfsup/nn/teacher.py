@@ -75,6 +75,18 @@ def linear_momentum(step: int, total_steps: float, start: float = 0.996, end: fl
     return min(m, end) if end >= start else max(m, end)
 
 
+def check_annealed_decay(cfg) -> None:
+    """Refuse (ConfigError) a method config whose ``ema_decay`` / ``ema_end_decay`` lie outside [0, 1] or
+    whose ``ema_anneal_end_step`` is negative (the data2vec methods' schedule, ``annealed_decay``)."""
+    from selfsup.errors import ConfigError
+
+    for key in ("ema_decay", "ema_end_decay"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ConfigError(f"method.{key}={getattr(cfg, key)}: must be in [0, 1]")
+    if cfg.ema_anneal_end_step < 0:
+        raise ConfigError(f"method.ema_anneal_end_step={cfg.ema_anneal_end_step}: must be >= 0")
+
+
 def annealed_decay(step: int, start: float, end: float, anneal_end_step: int) -> float:
     """Official ``get_annealed_rate``: linear from ``start`` (step 0) to ``end`` at
     ``anneal_end_step``, then ``end``."""

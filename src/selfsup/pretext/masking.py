@@ -25,6 +25,9 @@ Generators (paper, official code the details follow):
   with ``inverse_mask=True``.
 * :func:`span_masking` / :func:`future_masking`: masks over a 1-D sequence of patches (time
   series): contiguous spans at random places, or the last patches (a forecast-shaped mask).
+* :func:`wav2vec_span_masking`: wav2vec 2.0 / data2vec audio time masking (Baevski, Zhou, Mohamed,
+  Auli, 2020, "wav2vec 2.0", NeurIPS; data2vec 2022), ``fairseq/data/data_utils.py:compute_mask_indices``
+  with static span lengths, no padding and ``require_same_masks``.
 * :func:`mask_to_indices`: boolean masks with equal counts per row to keep/masked index tensors.
 """
 
@@ -34,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from selfsup.errors import ConfigError
@@ -47,7 +51,9 @@ __all__ = [
     "span_masking",
     "future_masking",
     "sequence_mask",
+    "wav2vec_span_masking",
     "mask_to_indices",
+    "visible_estimate",
 ]
 
 Grid = int | tuple[int, int]
@@ -492,6 +498,53 @@ def sequence_mask(kind: str, batch: int, num_patches: int, ratio: float, *, span
     if kind == "future":
         return future_masking(batch, num_patches, ratio, device=device)
     raise ConfigError(f"mask kind {kind!r} is not one of random, block, future")
+
+
+def wav2vec_span_masking(batch: int, length: int, prob: float, span: int, *,
+                         device: torch.device | str | None = None,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """(B, T) bool, True = masked, as fairseq's ``compute_mask_indices`` (static spans, no padding):
+
+    1. one span count for the batch, ``n = int(prob * T / span + u)``, u ~ U[0, 1), at least 1;
+    2. per row, n distinct span starts drawn uniformly from ``[0, T - span)`` (when that range holds n
+       starts or fewer, the span is shortened to ``T - n - 1`` first, as fairseq does); each start masks
+       ``span`` steps; spans may overlap, so about ``1 - (1 - prob / T) ** (span * n)`` of the steps end up
+       masked (data2vec / wav2vec 2.0: prob 0.65, span 10 -> about 49%);
+    3. ``require_same_masks``: every row keeps a random subset of its masked steps of the size of the
+       least-masked row, so all rows mask the same number."""
+    if span < 1 or length < 2:
+        raise ConfigError(f"span masking needs span >= 1 and at least 2 steps, got span {span}, {length} steps")
+    device = _device(device, generator)
+    n = max(1, int(prob * length / span + float(_rand((1,), generator, device))))
+    if length - span <= n:
+        span = max(1, length - n - 1)
+    starts_range = max(1, length - span)
+    n = min(n, starts_range)
+    starts = torch.argsort(_rand((batch, starts_range), generator, device), dim=1)[:, :n]  # distinct, uniform
+    steps = (starts.unsqueeze(-1) + torch.arange(span, device=device)).reshape(batch, -1).clamp_max(length - 1)
+    mask = torch.zeros((batch, length), dtype=torch.bool, device=device)
+    mask.scatter_(1, steps, True)
+    counts = mask.sum(1)
+    fewest = counts.min()
+    # keep `fewest` of each row's masked steps, picked at random: rank the masked steps by noise
+    noise = torch.where(mask, _rand((batch, length), generator, device), torch.full_like(mask, 2.0, dtype=torch.float))
+    rank = torch.argsort(torch.argsort(noise, dim=1), dim=1)
+    return rank < fewest
+
+
+def visible_estimate(stat: torch.Tensor, hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, N, 1) per-patch statistic -> the mean of it over the visible patches of each patch's
+    3x3 neighbourhood on the (gh, gw) grid (the input-wide visible mean where no neighbour is
+    visible): how the report's reconstructions undo ``norm_pix_loss`` without reading the hidden
+    patch itself."""
+    b = stat.shape[0]
+    vis = (~hidden).float().view(b, 1, *grid)
+    val = stat.view(b, 1, *grid) * vis
+    num = F.avg_pool2d(val, 3, stride=1, padding=1, count_include_pad=False)
+    den = F.avg_pool2d(vis, 3, stride=1, padding=1, count_include_pad=False)
+    image = val.sum(dim=(2, 3), keepdim=True) / vis.sum(dim=(2, 3), keepdim=True).clamp_min(1)
+    est = torch.where(den > 0, num / den.clamp_min(1e-12), image.expand_as(num))
+    return est.view(b, -1, 1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -194,11 +194,9 @@ class _Model:
 
         return self._get("held-out texts", build)
 
-    def pictures(self, n: int = _N_PICTURES) -> tuple[torch.Tensor, list[str]]:
-        """``n`` test images (uint8), one per class first so the grid shows variety, with titles."""
+    def _examples(self, n: int) -> tuple[torch.Tensor, list[str]]:
+        """Indices of ``n`` test samples, one per class first so a grid shows variety, with titles."""
         ds = self.dataset
-        if not hasattr(ds, "images"):
-            raise _Skip("the test split holds no images")
         labels = ds.labels
         order: list[int] = []
         if ds.has_labels:
@@ -214,8 +212,21 @@ class _Model:
             if i not in order:
                 order.append(i)
         idx = torch.tensor(order[:n], dtype=torch.long)
-        titles = [ds.classes[int(labels[i])] if ds.has_labels else f"#{int(i)}" for i in idx]
-        return ds.images[idx], titles
+        return idx, [ds.classes[int(labels[i])] if ds.has_labels else f"#{int(i)}" for i in idx]
+
+    def pictures(self, n: int = _N_PICTURES) -> tuple[torch.Tensor, list[str]]:
+        """``n`` test images (uint8), one per class first so the grid shows variety, with titles."""
+        if not hasattr(self.dataset, "images"):
+            raise _Skip("the test split holds no images")
+        idx, titles = self._examples(n)
+        return self.dataset.images[idx], titles
+
+    def clips(self, n: int = _N_PICTURES) -> tuple[torch.Tensor, list[str]]:
+        """``n`` test audio clips (B, 1, samples), one per class first, with titles."""
+        if not hasattr(self.dataset, "audio"):
+            raise _Skip("the test split holds no audio")
+        idx, titles = self._examples(n)
+        return self.dataset.audio[idx], titles
 
 
 def _first_line(err: BaseException) -> str:

@@ -9,19 +9,26 @@ from selfsup.report.data import _Skip
 from selfsup.report.figures._plot import _figure, _to_display
 
 
-def fig_reconstruction(metrics, summary, model):
-    method, _ = model.method
-    if "reconstruction" not in type(method).figures:
-        raise _Skip("the method has no reconstruct()")
-    images, titles = model.pictures()
-    x = method.preprocess({"images": images.to(model.device)})
+def _reconstructed(method, batch):
+    """(the prepared inputs, masked inputs, reconstructions) of a raw batch, in eval mode without gradients."""
+    x = method.preprocess(batch)
     was_training = method.training
     method.eval()
     try:
         with torch.no_grad():
-            masked, recon = method.reconstruct(x)
+            return (x, *method.reconstruct(x))
     finally:
         method.train(was_training)
+
+
+def fig_reconstruction(metrics, summary, model):
+    method, _ = model.method
+    if "reconstruction" not in type(method).figures:
+        raise _Skip("the method has no reconstruct()")
+    if "audio" in method.modalities:
+        return _spectrograms(method, model)
+    images, titles = model.pictures()
+    x, masked, recon = _reconstructed(method, {"images": images.to(model.device)})
     rows = [("original", x), ("masked", masked), ("reconstruction", recon)]
     n = x.shape[0]
     fig, axes = _figure(3 * n, cols=n, panel_w=1.7, panel_h=1.8)
@@ -38,3 +45,31 @@ def fig_reconstruction(metrics, summary, model):
     fig.suptitle("masked-image modelling: originals, masked inputs, reconstructions")
     return fig
 
+
+def _spectrograms(method, model):
+    """Log-mel spectrograms (time across, mel filters up) of one test clip per class: the input, what the
+    encoder saw (hidden patches blank) and the reconstruction with the visible patches pasted back."""
+    clips, titles = model.clips(4)
+    x, masked, recon = _reconstructed(method, {"audio": clips.to(model.device)})
+    import matplotlib
+
+    cmap = matplotlib.colormaps["magma"]
+    cmap = cmap.with_extremes(bad="white")
+    rows = [("original", x), ("masked", masked), ("reconstruction", recon)]
+    n = x.shape[0]
+    fig, axes = _figure(3 * n, cols=n, panel_w=2.4, panel_h=1.7)
+    for i in range(n):
+        shown = x[i, 0].float().cpu()
+        lo, hi = float(shown.min()), float(shown.max())
+        for r, (label, batch) in enumerate(rows):
+            ax = axes[r * n + i]
+            ax.imshow(batch[i, 0].float().cpu().T.numpy(), origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[i], fontsize=8)
+            if i == 0:
+                ax.set_ylabel(f"{label}\nmel", fontsize=8)
+    fig.suptitle("masked spectrogram modelling: log-mel inputs (time across), masked, reconstructed")
+    return fig

@@ -1,0 +1,41 @@
+"""Fixed position embeddings shared by encoders and decoders (the ViTs, MAE's and Audio-MAE's decoders,
+I-JEPA's predictor)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sincos_2d_pos_embed"]
+
+
+def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int, cls_token: bool = False, *,
+                        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    r"""Fixed 2-D sine-cosine position embedding, as MAE's ``get_2d_sincos_pos_embed`` (after
+    the Transformer's 1-D one and MoCo v3), for a ``grid_h x grid_w`` patch grid in row-major
+    order: returns ``(1, N, dim)`` or, with ``cls_token``, ``(1, 1 + N, dim)`` with a zero row first.
+
+    The first ``dim/2`` channels encode the column index ``w`` and the last ``dim/2`` the row index
+    ``h`` (MAE builds the grid with ``meshgrid(grid_w, grid_h)``, "w goes first"); each half is
+    the 1-D embedding of a position ``x`` with ``d = dim/2`` channels and ``\omega_k = 10000^{-2k/d}``,
+    ``k = 0..d/2-1``:
+
+    .. math:: [\sin(x\,\omega_0), \dots, \sin(x\,\omega_{d/2-1}), \cos(x\,\omega_0), \dots, \cos(x\,\omega_{d/2-1})]
+
+    ``dim`` must be divisible by 4.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    h, w = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64),
+                          indexing="ij")
+
+    def one_d(pos: Tensor) -> Tensor:
+        out = pos.reshape(-1, 1) * omega  # (N, dim/4)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    emb = torch.cat([one_d(w), one_d(h)], dim=1)  # (N, dim)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb])
+    return emb.unsqueeze(0).to(device=device, dtype=dtype)
