@@ -16,7 +16,8 @@ encoder output embedded to 512, mask tokens, unshuffled, fixed 2-D sin-cos posit
 dropped, then 16 Swin blocks (the V2-CR blocks the official code patches into timm: post-norm, scaled
 cosine attention; 16 heads, window 4 x 4 patches, the odd blocks shifted by 2 patches along time only) on the (time, frequency) patch grid, LayerNorm and
 a linear prediction of each patch's p·p values; ``global``: the image MAE's decoder of plain ViT blocks
-(8 x 512, ``decoder_mode=0``).
+(the official ``decoder_mode=0`` has 8 x 512: set ``decoder_depth: 8``; ``decoder_depth`` counts the blocks
+of either decoder and defaults to the local decoder's 16).
 
 Augmentation: ``roll_mag_aug`` (on in the official AudioSet-2M pre-training script): each waveform is
 rolled circularly by a uniform random number of samples and scaled by a gain ~ Beta(10, 10) + 0.5;

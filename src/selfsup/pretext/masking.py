@@ -508,8 +508,8 @@ def wav2vec_span_masking(batch: int, length: int, prob: float, span: int, *,
     1. one span count for the batch, ``n = int(prob * T / span + u)``, u ~ U[0, 1), at least 1;
     2. per row, n distinct span starts drawn uniformly from ``[0, T - span)`` (when that range holds n
        starts or fewer, the span is shortened to ``T - n - 1`` first, as fairseq does); each start masks
-       ``span`` steps; spans may overlap, so about ``1 - (1 - prob / T) ** (span * n)`` of the steps end up
-       masked (data2vec / wav2vec 2.0: prob 0.65, span 10 -> about 49%);
+       ``span`` steps; spans may overlap, so about ``1 - exp(-prob)`` of the steps end up masked
+       (data2vec / wav2vec 2.0: prob 0.65 -> about 48%);
     3. ``require_same_masks``: every row keeps a random subset of its masked steps of the size of the
        least-masked row, so all rows mask the same number."""
     if span < 1 or length < 2:
