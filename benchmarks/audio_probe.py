@@ -9,7 +9,7 @@ same spectrogram normalization) is probed beside it, and so are the normalized l
 themselves, averaged over time (a feature-free baseline: what the input already tells).
 
 Every row goes to a JSON-lines file with the machine, date and command; ``--render`` writes the markdown
-section. Rerun (on a 2-core CPU about 5 minutes per Audio-MAE seed and 6 per data2vec seed):
+section. Rerun (on a 2-core CPU about 7 minutes per Audio-MAE seed and 10 per data2vec seed):
 
     python benchmarks/audio_probe.py --methods audio_mae data2vec_audio --seeds 0 1 2
     python benchmarks/build_md.py   # refreshes BENCHMARKS.md
