@@ -337,16 +337,12 @@ def audio_info(source: str) -> AudioInfo:
     if not good:
         raise DataError(f"{source}: none of the {len(recordings)} audio files could be read")
     rate = Counter(r.rate for r in good).most_common(1)[0][0]
-    layout = layout_of([r.name for r in good], manifests, None if not _is_fsdd(good) else "digit")
+    layout = layout_of([r.name for r in good], manifests, None)  # only the split matters here
     durations = sorted(len(r.wave) / r.rate for r, s in zip(good, layout.split) if s == "train") or \
         sorted(len(r.wave) / r.rate for r in good)
     q = durations[min(len(durations) - 1, int(DEFAULT_CLIP_QUANTILE * len(durations)))]
     clip = min(MAX_DEFAULT_CLIP_S, max(0.25, math.ceil(q / 0.25) * 0.25))
     return AudioInfo(rate, clip, len(good))
-
-
-def _is_fsdd(good: list[Recording]) -> bool:
-    return all(FSDD_NAME.match(Path(r.name).name) for r in good)
 
 
 def open_audio(source: str, split: str, *, sample_rate: int, clip_seconds: float, label_column: str | None = None,
