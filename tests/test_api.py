@@ -42,7 +42,9 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
         model.eval()
         with torch.no_grad():
             feats = model.encode(x)
-            per_channel = name == "patchtst"  # PatchTST: each channel's pooled tokens; TS2Vec: one vector
+            from selfsup.backbones import PatchTST
+
+            per_channel = isinstance(model.encoder, PatchTST)  # each channel's pooled tokens; TS2Vec: one vector
             assert feats.shape == (4, (7 if per_channel else 1) * model.encoder.out_dim)
             assert torch.equal(model.encoder(x), feats) and torch.equal(model.embed({"series": x}), feats)
         return

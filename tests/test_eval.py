@@ -23,6 +23,7 @@ from selfsup.eval import (
     mean_pair_cosine,
     per_dim_std,
     rankme,
+    svm_probe,
     uniformity,
 )
 
@@ -208,6 +209,30 @@ def test_logistic_regression_separable() -> None:
     assert result["top1"] == pytest.approx(100.0)
     assert result["top5"] == pytest.approx(100.0)
     assert result["converged"] is True
+
+
+def _rings(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two concentric rings (radius 1 and 3, a little noise): no line separates them, a kernel does."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    angle = torch.rand(n, generator=g) * 2 * math.pi
+    radius = 1.0 + 2.0 * y + 0.1 * torch.randn(n, generator=g)
+    return torch.stack([radius * angle.cos(), radius * angle.sin()], 1), y
+
+
+def test_svm_probe_is_ts2vecs_protocol() -> None:
+    train_x, train_y = _rings(200, seed=1)
+    test_x, test_y = _rings(100, seed=2)
+    linear = logistic_regression(train_x, train_y, test_x, test_y)["top1"]
+    svm = svm_probe(train_x, train_y, test_x, test_y)
+    assert linear < 75 and svm["top1"] == pytest.approx(100.0)  # the RBF kernel separates the rings
+    assert svm["searched"] and svm["C"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, float("inf"))
+    assert svm_probe(train_x, train_y, test_x, test_y) == svm  # unshuffled folds, one job: deterministic
+    # under 50 training samples (or 5 per class) no search: a hard margin, C = inf, as the official fit_svm
+    small = svm_probe(train_x[:40], train_y[:40], test_x, test_y)
+    assert not small["searched"] and small["C"] == float("inf") and small["top1"] > 90
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        svm_probe(train_x, torch.zeros_like(train_y), test_x, test_y)
 
 
 def test_logistic_regression_that_stops_early_says_so_once(caplog) -> None:

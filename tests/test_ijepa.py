@@ -13,7 +13,8 @@ from selfsup.core.build import build_method
 from selfsup.core.method import Progress
 from selfsup.errors import ConfigError
 from selfsup.losses import ijepa_loss
-from selfsup.methods.ijepa import JEPAPredictor
+from selfsup.nn.positions import sincos_2d_pos_embed
+from selfsup.nn.predictors import JEPAPredictor
 from selfsup.nn.teacher import linear_momentum
 from selfsup.pretext.masking import multiblock_masking
 
@@ -92,7 +93,7 @@ def test_targets_are_the_layer_normed_full_image_tokens_at_each_block():
 
 def test_predictor_output_shapes_and_blocks_are_predicted_independently():
     torch.manual_seed(0)
-    pred = JEPAPredictor((8, 8), enc_dim=32, pred_dim=16, depth=2, num_heads=2)
+    pred = JEPAPredictor(sincos_2d_pos_embed(16, 8, 8), enc_dim=32, pred_dim=16, depth=2, num_heads=2)
     assert not any(p is pred.pos_embed for p in pred.parameters())  # fixed sin-cos, not trained
     b, kc = 3, 20
     ctx = torch.randn(b, kc, 32)

@@ -139,6 +139,11 @@ def _ijepa_loss(g):
     return inputs, call
 
 
+def _jepa_l1_loss(g):
+    target = F.layer_norm(_randn(g, 7 * 64, 29, 128), (128,))  # TS-JEPA: 70% of 42 patches, 7 channels x 64
+    return {"p": target + 0.5 * _randn(g, *target.shape), "h": target}, lambda p, h: L.jepa_l1_loss(p, h)
+
+
 def _beit_loss(g):
     mask = torch.rand(4, 196, generator=g) < 0.4  # BEiT's 40% of 14 x 14 patches, 8192 visual tokens
     ids = torch.randint(0, 8192, (4, 196), generator=g)
@@ -193,6 +198,7 @@ CASES: dict[str, Callable[[torch.Generator], Case]] = {
     "data2vec_loss": _data2vec_loss,
     "token_cross_entropy": _token_cross_entropy,
     "ijepa_loss": _ijepa_loss,
+    "jepa_l1_loss": _jepa_l1_loss,
     "beit_loss": _beit_loss,
     "classification_loss": _classification_loss,
     "mae_loss": _mae(L.mae_loss),

@@ -414,3 +414,103 @@ def test_ts2vec_conv_skips_only_taps_that_read_padding(length, dilation):
     conv = _SamePadConv(8, 8, 3, dilation)
     x = torch.randn(2, 8, length)
     assert torch.allclose(conv(x), conv.conv(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# TS-JEPA
+
+
+def test_jepa_l1_loss_against_a_hand_computed_case():
+    from selfsup.losses import jepa_l1_loss
+
+    pred = torch.tensor([[[1.0, -2.0], [0.5, 0.0]]], requires_grad=True)  # (1, 2 tokens, 2 features)
+    target = torch.tensor([[[0.0, 1.0], [0.5, -4.0]]], requires_grad=True)
+    # |1| + |-3| + |0| + |4| = 8 over 4 values
+    loss = jepa_l1_loss(pred, target)
+    assert float(loss.detach()) == pytest.approx(2.0)
+    loss.backward()
+    assert torch.equal(pred.grad, torch.tensor([[[1.0, -1.0], [0.0, 1.0]]]) / 4) and target.grad is None
+    with pytest.raises(ValueError, match="differ"):
+        jepa_l1_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def tiny_jepa(tmp_path, *extra: str) -> list[str]:
+    return tiny_series(tmp_path, "method.name=ts_jepa", "method.pred_dim=16", "backbone.dropout=0.0",
+                       "data.seq_len=80", *extra)  # 10 patches of 8
+
+
+def test_ts_jepa_step_is_the_paper_objective(tmp_path):
+    """The loss is the L1 between the predictor's outputs at the hidden patches and the EMA target's
+    layer-normed tokens there; the context encoder never reads a hidden patch."""
+    import torch.nn.functional as F
+
+    from selfsup.core.build import build_method
+    from selfsup.nn.predictors import gather_tokens
+
+    method = build_method(load_config(None, tiny_jepa(tmp_path)))
+    x = torch.randn(2, 3, 80)
+    torch.manual_seed(3)
+    out = method({"series": x})
+    torch.manual_seed(3)
+    keep, hidden = method.masks(6, 10, x.device)
+    assert keep.shape == (6, 3) and hidden.shape == (6, 7)  # 70% of 10 patches hidden in each channel
+    assert torch.equal(torch.cat([keep, hidden], 1).sort(1).values, torch.arange(10).expand(6, 10))
+    patches = method.backbone.patchify(instance_norm(x)[0])
+    with torch.no_grad():
+        h = method.target_backbone.encode_patches(patches).flatten(0, 1)
+        target = gather_tokens(F.layer_norm(h, (16,)), hidden)
+        z = method.backbone.encode_patches(patches, keep=keep.view(2, 3, -1)).flatten(0, 1)
+        want = (method.predictor(z, keep, [hidden]) - target).abs().mean()
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+
+    # token dropping: garbage in the hidden patches changes nothing the context encoder returns
+    spoiled = patches.clone().flatten(0, 1)
+    spoiled.scatter_(1, hidden.unsqueeze(-1).expand(-1, -1, 8), 1e3)
+    with torch.no_grad():
+        z2 = method.backbone.encode_patches(spoiled.view_as(patches), keep=keep.view(2, 3, -1)).flatten(0, 1)
+    assert torch.allclose(z, z2, atol=1e-5)
+
+
+def test_ts_jepa_future_mask_hides_the_last_patches_and_ema_follows_the_official_schedule(tmp_path):
+    from selfsup.core.build import build_method
+    from selfsup.core.method import Progress
+
+    method = build_method(load_config(None, tiny_jepa(tmp_path, "method.mask=future")))
+    keep, hidden = method.masks(4, 10, torch.device("cpu"))
+    assert torch.equal(hidden, torch.arange(3, 10).expand(4, 7)) and torch.equal(keep, torch.arange(3).expand(4, 3))
+    # m_i = 0.998 + i (1 - 0.998) / (1.25 x total steps), i the update index from 0
+    assert method.momentum(Progress(1, 100, 0, 1, 100)) == pytest.approx(0.998)
+    assert method.momentum(Progress(101, 100, 0, 1, 100)) == pytest.approx(0.998 + 0.002 * 100 / 125)
+    before = [p.clone() for p in method.target_backbone.parameters()]
+    for p in method.backbone.parameters():
+        p.data.add_(1.0)
+    method.on_step_end(Progress(1, 100, 0, 1, 100))
+    for t, b, s in zip(method.target_backbone.parameters(), before, method.backbone.parameters()):
+        assert torch.allclose(t, 0.998 * b + 0.002 * s, atol=1e-6)
+    target = build_method(load_config(None, tiny_jepa(tmp_path, "method.eval_encoder=target")))
+    assert target.encoder is target.target_backbone and method.encoder is method.backbone
+
+
+def test_ts_jepa_resumes_exactly_and_refuses_what_it_cannot_train(tmp_path):
+    from tests.conftest import resume_matches_straight
+
+    from selfsup.errors import ConfigError
+
+    resume_matches_straight(load_config(None, tiny_jepa(tmp_path, "trainer.max_steps=6")), tmp_path, until_step=3)
+    with pytest.raises(ConfigError, match="ts_jepa trains a patch encoder"):
+        from selfsup.core.build import build_method
+
+        build_method(load_config(None, tiny_jepa(tmp_path, "backbone.name=ts2vec", "backbone.width=8")))
+    with pytest.raises(ConfigError, match="must be in"):
+        load_config(None, tiny_jepa(tmp_path, "method.mask_ratio=1.0"))
+
+
+def test_sincos_1d_positions_against_a_hand_computed_case():
+    from selfsup.nn.positions import sincos_1d_pos_embed
+
+    # dim 4: omega = 1, 1/100; position x -> [sin x, sin x/100, cos x, cos x/100]
+    got = sincos_1d_pos_embed(4, 3)
+    want = torch.tensor([[math.sin(x), math.sin(x / 100), math.cos(x), math.cos(x / 100)] for x in range(3)])
+    assert got.shape == (1, 3, 4) and torch.allclose(got[0], want, atol=1e-7)
+    with pytest.raises(ValueError, match="even dim"):
+        sincos_1d_pos_embed(5, 3)

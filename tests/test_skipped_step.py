@@ -69,6 +69,7 @@ RECIPES = {
     **{name: (None, [f"method.name={name}", *TEXT_TINY]) for name in ("clm", "mlm", "t5")},
     "data2vec_text": (None, ["method.name=data2vec_text", "method.top_k=2", *TEXT_TINY]),
     "patchtst": (None, ["method.name=patchtst", *SERIES_TINY]),
+    "ts_jepa": (None, ["method.name=ts_jepa", "method.pred_dim=16", *SERIES_TINY]),
     "ts2vec": (None, ["method.name=ts2vec", *SERIES_TINY, "backbone.name=ts2vec", "backbone.width=8",
                       "backbone.depth=2"]),
     "audio_mae": (None, ["method.name=audio_mae", "method.decoder_dim=32", "method.decoder_depth=2",

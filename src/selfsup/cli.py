@@ -270,7 +270,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
                              test_split=args.test_split, cache_dir=path.parent / "features",
                              cache_tag=checkpoint_tag(path), precision=precision)
     same = same_images(feats)
-    if same and args.protocol == "linear":
+    if same and args.protocol in ("linear", "svm"):
         print("selfsup: warning: the test split is the training split (no test/ folder): the probe is "
               "scored on the images it was fit on; pass --test-split or a folder with train/ and test/",
               file=sys.stderr)
@@ -280,6 +280,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         from selfsup.eval import logistic_regression
 
         result = logistic_regression(*feats[:4])
+    elif args.protocol == "svm":  # TS2Vec's protocol: an RBF SVM, C cross-validated
+        from selfsup.eval import svm_probe
+
+        result = svm_probe(*feats[:4])
     elif args.protocol == "linear":
         result = run_linear(feats, epochs=args.epochs or 100, optimizer=args.solver, seed=cfg.trainer.seed)
     elif args.protocol == "fewshot":
@@ -502,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
-    ev.add_argument("protocol", choices=["knn", "linear", "fewshot", "diagnose", "finetune", "perplexity", "forecast"])
+    ev.add_argument("protocol", choices=["knn", "linear", "svm", "fewshot", "diagnose", "finetune", "perplexity", "forecast"])
     ev.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory")
     ev.add_argument("--data", help="labeled data to evaluate on (default: the pretraining data)")
     ev.add_argument("--train-split", help="split used as kNN bank / probe training set")

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from selfsup.backbones import Backbone
 from selfsup.config import BackboneConfig
 from selfsup.errors import ConfigError
+from selfsup.nn.predictors import gather_tokens
 from selfsup.registry import register_backbone
 
 __all__ = ["PatchTST", "TSEncoder", "instance_norm", "patch_count"]
@@ -144,14 +145,19 @@ class PatchTST(Backbone):
         span = self.patch_size + self.patch_stride * (n - 1)
         return x[..., t - span:].unfold(-1, self.patch_size, self.patch_stride)
 
-    def encode_patches(self, patches: Tensor) -> Tensor:
-        """Tokens (B, C, N, D) of patches (B, C, N, P) (already normalized)."""
+    def encode_patches(self, patches: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Tokens (B, C, N, D) of patches (B, C, N, P) (already normalized). With ``keep`` (B, C, K) long
+        patch indices, only those patches enter the blocks (token dropping, as a JEPA context encoder
+        reads its visible patches), each with its own position: tokens (B, C, K, D)."""
         b, c, n, p = patches.shape
         m = self.model
-        h = m.drop(m.patch_embed(patches.reshape(b * c, n, p)) + m.pos_embed[:n].to(patches.dtype))
+        h = m.patch_embed(patches.reshape(b * c, n, p)) + m.pos_embed[:n].to(patches.dtype)
+        if keep is not None:
+            h = gather_tokens(h, keep.reshape(b * c, -1))
+        h = m.drop(h)
         for block in m.blocks:
             h = block(h)
-        return h.view(b, c, n, -1)
+        return h.view(b, c, h.shape[1], -1)
 
     def tokens(self, x: Tensor) -> Tensor:
         """Tokens (B, C, N, D) of raw series (B, C, T): instance-normalized, patched, encoded."""

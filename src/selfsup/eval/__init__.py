@@ -6,6 +6,7 @@ caller-supplied embedding function, for :func:`extract_features`):
 * :func:`extract_features`, :class:`FeatureCache`, :func:`make_key` - get and cache features;
 * :func:`knn_classify` - weighted kNN (Wu et al. 2018, as in DINO);
 * :func:`linear_probe`, :func:`logistic_regression` - linear evaluation;
+* :func:`svm_probe` - an RBF SVM with a cross-validated C (TS2Vec's protocol);
 * :func:`few_shot` - N-way K-shot episodes with logistic regression;
 * :func:`diagnose` and friends - collapse / rank / alignment-uniformity diagnostics;
 * :func:`format_table` - print any of the result dicts above.
@@ -24,7 +25,7 @@ from selfsup.eval.diagnostics import (
 from selfsup.eval.features import FeatureCache, extract_features, make_key
 from selfsup.eval.fewshot import few_shot
 from selfsup.eval.knn import knn_classify
-from selfsup.eval.linear import linear_probe, logistic_regression
+from selfsup.eval.linear import linear_probe, logistic_regression, svm_probe
 
 __all__ = [
     "FeatureCache",
@@ -41,5 +42,6 @@ __all__ = [
     "mean_pair_cosine",
     "per_dim_std",
     "rankme",
+    "svm_probe",
     "uniformity",
 ]

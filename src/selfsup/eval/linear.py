@@ -294,6 +294,15 @@ def linear_probe(
     }
 
 
+def _numpy_splits(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor,
+                  test_labels: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked float64 features and int labels of both splits as NumPy arrays, for scikit-learn."""
+    _check_split(train_feats, train_labels, "train")
+    _check_split(test_feats, test_labels, "test")
+    return (train_feats.detach().to("cpu", torch.float64).numpy(), train_labels.detach().cpu().numpy(),
+            test_feats.detach().to("cpu", torch.float64).numpy(), test_labels.detach().cpu().numpy())
+
+
 def _topk_accuracy(proba: np.ndarray, classes: np.ndarray, targets: np.ndarray, k: int) -> float:
     """Share (%) of targets among the k most probable classes."""
     top = classes[np.argsort(-proba, axis=1)[:, :k]]
@@ -324,12 +333,7 @@ def logistic_regression(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    _check_split(train_feats, train_labels, "train")
-    _check_split(test_feats, test_labels, "test")
-    x_train = train_feats.detach().to("cpu", torch.float64).numpy()
-    x_test = test_feats.detach().to("cpu", torch.float64).numpy()
-    y_train = train_labels.detach().cpu().numpy()
-    y_test = test_labels.detach().cpu().numpy()
+    x_train, y_train, x_test, y_test = _numpy_splits(train_feats, train_labels, test_feats, test_labels)
     if np.unique(y_train).size < 2:
         raise ValueError("logistic regression needs at least 2 classes in the training labels")
 
@@ -354,3 +358,41 @@ def logistic_regression(
         result["top5"] = _topk_accuracy(proba, model.classes_, y_test, 5)
     result["converged"] = converged
     return result
+
+
+SVM_C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, float("inf"))
+
+
+def svm_probe(train_feats: Tensor, train_labels: Tensor, test_feats: Tensor, test_labels: Tensor, *,
+              max_samples: int = 10_000) -> dict[str, Any]:
+    """An RBF-kernel SVM on the frozen features: TS2Vec's classification protocol (Yue et al. 2022,
+    official ``tasks/_eval_protocols.fit_svm``), the one its UCR/UEA tables report.
+
+    ``SVC(kernel='rbf', gamma='scale')`` on the raw features (no scaling). With fewer than 50 training
+    samples or fewer than 5 per class, C = inf (a hard margin); otherwise C is chosen by 5-fold
+    cross-validated grid search over 1e-4, 1e-3, ..., 1e4, inf on at most ``max_samples`` training
+    samples (a stratified subsample, ``random_state=0``, as the official), then refit on them. Folds
+    are sklearn's unshuffled stratified ones and one job runs at a time, so the result is deterministic.
+
+    Returns:
+        ``{"top1": %, "C": the chosen C, "searched": bool}``.
+    """
+    from sklearn.model_selection import GridSearchCV, train_test_split
+    from sklearn.svm import SVC
+
+    x_train, y_train, x_test, y_test = _numpy_splits(train_feats, train_labels, test_feats, test_labels)
+    classes = np.unique(y_train).size
+    if classes < 2:
+        raise ValueError("an SVM needs at least 2 classes in the training labels")
+    n = x_train.shape[0]
+    if n // classes < 5 or n < 50:
+        model, searched = SVC(C=float("inf"), kernel="rbf", gamma="scale").fit(x_train, y_train), False
+    else:
+        if n > max_samples:
+            x_train, _, y_train, _ = train_test_split(x_train, y_train, train_size=max_samples, random_state=0,
+                                                      stratify=y_train)
+        grid = GridSearchCV(SVC(kernel="rbf", gamma="scale", max_iter=10_000_000), {"C": list(SVM_C_GRID)}, cv=5,
+                            n_jobs=1)
+        model, searched = grid.fit(x_train, y_train).best_estimator_, True
+    top1 = 100.0 * float((model.predict(x_test) == y_test).mean())
+    return {"top1": top1, "C": float(model.C), "searched": searched}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from selfsup.losses._precision import fp32_loss
 
-__all__ = ["ijepa_loss"]
+__all__ = ["ijepa_loss", "jepa_l1_loss"]
 
 
 @fp32_loss
@@ -52,3 +52,27 @@ def ijepa_loss(pred: torch.Tensor | Sequence[torch.Tensor], target: torch.Tensor
     if pred.shape != target.shape:
         raise ValueError(f"ijepa_loss: predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ")
     return F.smooth_l1_loss(pred, target.detach(), beta=beta)
+
+
+@fp32_loss
+def jepa_l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r"""The L1 prediction loss of TS-JEPA (Ennadir, Golkar, Sarra 2024, the official ``loss_pred``) and
+    V-JEPA (Bardes et al. 2024, eq. 1): the mean absolute difference between the predicted and the
+    target features over every predicted token and feature,
+
+    .. math:: \mathcal{L} = \frac{1}{K\,d} \sum_{j=1}^{K} \sum_{k=1}^{d} \big|\hat s_{j,k} - s_{j,k}\big|
+
+    with the target side's gradient stopped (the targets are the EMA encoder's layer-normed tokens).
+
+    Args:
+        pred: (..., d) predicted features of the hidden tokens.
+        target: the same shape; the target encoder's features of the same tokens.
+    Returns: a float32 scalar (computed in float32 even under autocast).
+
+    Example:
+        >>> p, h = torch.randn(8, 7, 128), torch.randn(8, 7, 128)
+        >>> loss = jepa_l1_loss(p, h)
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"jepa_l1_loss: predictions {tuple(pred.shape)} and targets {tuple(target.shape)} differ")
+    return (pred - target.detach()).abs().mean()

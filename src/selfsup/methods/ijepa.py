@@ -58,77 +58,19 @@ deviation across the batch (0 when every patch of every image maps to the same v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
-from torch import nn
 
 from selfsup.backbones.vit import sincos_2d_pos_embed
-from selfsup.core.method import MethodConfig, Progress, StepOutput
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import ijepa_loss
 from selfsup.modalities.image import ImageMethod
-from selfsup.nn.teacher import ema_update, linear_momentum, make_teacher
+from selfsup.nn.predictors import JEPAPredictor, gather_tokens, official_init_
+from selfsup.nn.teacher import LinearEMATarget, check_linear_ema_target, make_teacher
 from selfsup.pretext.masking import multiblock_masking
 from selfsup.registry import register_method
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x (B, N, D), idx (B, K) long -> (B, K, D): the tokens at ``idx`` of each sample."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-@torch.no_grad()
-def official_init_(module: nn.Module) -> None:
-    """The official I-JEPA initialization (``VisionTransformer._init_weights`` then ``init_model``,
-    which re-initializes every Linear after the per-block rescaling): Linear and patch-embedding
-    weights trunc-normal(0.02) with zero biases, LayerNorm weight 1 and bias 0."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-class JEPAPredictor(nn.Module):
-    """The official ``VisionTransformerPredictor`` with timm blocks.
-
-    ``forward(ctx, ctx_idx, targets)``: ctx (B, Kc, enc_dim) context-encoder tokens at patch
-    indices ctx_idx (B, Kc); targets a list of M index tensors (B, Kt). Returns (M·B, Kt, enc_dim),
-    block-major (rows m·B .. (m+1)·B - 1 predict block m), the official order."""
-
-    def __init__(self, grid: tuple[int, int], enc_dim: int, pred_dim: int = 384, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
-        super().__init__()
-        self.embed = nn.Linear(enc_dim, pred_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
-        # fixed 2-D sin-cos positions of the patch grid, not trained and not saved
-        self.register_buffer("pos_embed", sincos_2d_pos_embed(pred_dim, grid[0], grid[1]).float(), persistent=False)
-        dpr = torch.linspace(0, drop_path, depth).tolist()
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.ModuleList(Block(pred_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=p,
-                                          norm_layer=norm) for p in dpr)
-        self.norm = norm(pred_dim)
-        self.proj = nn.Linear(pred_dim, enc_dim)
-        official_init_(self)
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-
-    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
-        b, kc = ctx_idx.shape
-        n_blocks = len(targets)
-        pos = self.pos_embed.expand(b, -1, -1)
-        x = self.embed(ctx) + gather_tokens(pos, ctx_idx)
-        tgt_pos = torch.cat([gather_tokens(pos, t) for t in targets])  # (M·B, Kt, d_p)
-        queries = self.mask_token + tgt_pos
-        x = torch.cat([x.repeat(n_blocks, 1, 1), queries.to(x.dtype)], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        return self.proj(self.norm(x)[:, kc:])
 
 
 @dataclass
@@ -164,19 +106,13 @@ class IJEPAConfig(MethodConfig):
                 raise ConfigError(f"method.{key}={getattr(self, key)}: needs 0 < min <= max")
         if self.min_keep < 1:
             raise ConfigError(f"method.min_keep={self.min_keep}: must be >= 1")
-        lo, hi = self.ema
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ConfigError(f"method.ema={self.ema}: needs 0 <= start <= end <= 1")
-        if self.ipe_scale <= 0:
-            raise ConfigError(f"method.ipe_scale={self.ipe_scale}: must be > 0")
-        if self.eval_encoder not in ("context", "target"):
-            raise ConfigError(f"method.eval_encoder={self.eval_encoder!r}: must be context or target")
+        check_linear_ema_target(self)
         if self.pred_drop_path < 0 or self.pred_drop_path >= 1:
             raise ConfigError(f"method.pred_drop_path={self.pred_drop_path}: must be in [0, 1)")
 
 
 @register_method
-class IJEPA(ImageMethod):
+class IJEPA(LinearEMATarget, ImageMethod):
     name = "ijepa"
     paper = "Assran et al. 2023, Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture"
     family = "masked"
@@ -199,8 +135,8 @@ class IJEPA(ImageMethod):
             raise ConfigError(f"method.pred_dim={cfg.pred_dim}: must be a multiple of 4 (2-D sin-cos) and of "
                               f"the {heads} predictor heads")
         official_init_(backbone.model)  # instead of the ViT's MAE init; CLS token and positions kept
-        self.predictor = JEPAPredictor(self.grid, backbone.out_dim, cfg.pred_dim, cfg.pred_depth, heads,
-                                       cfg.pred_mlp_ratio, cfg.pred_drop_path)
+        self.predictor = JEPAPredictor(sincos_2d_pos_embed(cfg.pred_dim, *self.grid), backbone.out_dim, cfg.pred_dim,
+                                       cfg.pred_depth, heads, cfg.pred_mlp_ratio, cfg.pred_drop_path)
         self.target_backbone = make_teacher(self.backbone, no_drop_path=True)  # no stochastic depth in the target
 
     def masks(self, batch: int, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -233,18 +169,3 @@ class IJEPA(ImageMethod):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.export_backbone()(x)
-
-    def export_backbone(self) -> nn.Module:
-        return self.target_backbone if self.cfg.eval_encoder == "target" else self.backbone
-
-    def momentum(self, progress: Progress) -> float:
-        """m for the update after optimizer step ``progress.step`` (update index step - 1)."""
-        start, end = self.cfg.ema
-        return linear_momentum(max(0, progress.step - 1), progress.total_steps * self.cfg.ipe_scale, start, end)
-
-    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.target_backbone, self.backbone)]
-
-    @torch.no_grad()
-    def on_step_end(self, progress: Progress) -> None:
-        ema_update(self.target_backbone, self.backbone, self.momentum(progress))

@@ -42,7 +42,7 @@ from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import mae_loss
 from selfsup.modalities.series import SeriesMethod
-from selfsup.pretext.masking import sequence_mask
+from selfsup.pretext.masking import check_sequence_mask, sequence_mask
 from selfsup.registry import register_method
 
 
@@ -55,12 +55,7 @@ class PatchTSTConfig(MethodConfig):
     head_dropout: float = 0.2  # dropout before the reconstruction head (official head_dropout)
 
     def validate(self) -> None:
-        if not 0.0 < self.mask_ratio < 1.0:
-            raise ConfigError(f"method.mask_ratio={self.mask_ratio}: must be in (0, 1)")
-        if self.mask not in ("random", "block", "future"):
-            raise ConfigError(f"method.mask={self.mask!r}: must be random, block or future")
-        if self.mask_span < 1:
-            raise ConfigError(f"method.mask_span={self.mask_span}: must be >= 1")
+        check_sequence_mask(self.mask_ratio, self.mask, self.mask_span)
         if not 0.0 <= self.head_dropout < 1.0:
             raise ConfigError(f"method.head_dropout={self.head_dropout}: must be in [0, 1)")
 

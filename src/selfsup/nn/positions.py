@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sincos_2d_pos_embed"]
+__all__ = ["sincos_1d_pos_embed", "sincos_2d_pos_embed"]
 
 
 def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int, cls_token: bool = False, *,
@@ -39,3 +39,17 @@ def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int, cls_token: bool = Fa
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb])
     return emb.unsqueeze(0).to(device=device, dtype=dtype)
+
+
+def sincos_1d_pos_embed(dim: int, length: int, *, device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.float32) -> Tensor:
+    r"""Fixed 1-D sine-cosine position embedding of positions ``0 .. length - 1``, ``(1, length, dim)``:
+    position ``x`` gets :math:`[\sin(x\,\omega_0), \dots, \sin(x\,\omega_{d/2-1}), \cos(x\,\omega_0), \dots,
+    \cos(x\,\omega_{d/2-1})]` with :math:`\omega_k = 10000^{-2k/d}` (MAE's ``get_1d_sincos_pos_embed_from_grid``;
+    TS-JEPA's encoder and predictor). ``dim`` must be even."""
+    if dim % 2:
+        raise ValueError(f"1-D sin-cos position embedding needs an even dim, got {dim}")
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    out = torch.arange(length, dtype=torch.float64).reshape(-1, 1) * omega
+    return torch.cat([out.sin(), out.cos()], dim=1).unsqueeze(0).to(device=device, dtype=dtype)

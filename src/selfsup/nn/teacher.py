@@ -75,6 +75,44 @@ def linear_momentum(step: int, total_steps: float, start: float = 0.996, end: fl
     return min(m, end) if end >= start else max(m, end)
 
 
+class LinearEMATarget:
+    """What the joint-embedding predictive methods (I-JEPA, TS-JEPA) share about their target encoder,
+    as a mixin before the method's modality base class: ``self.target_backbone`` follows
+    ``self.backbone`` by EMA after every kept step, the momentum rising linearly from ``cfg.ema[0]`` to
+    ``cfg.ema[1]`` over ``cfg.ipe_scale`` x the run (``linear_momentum``), and ``cfg.eval_encoder``
+    (``context`` or ``target``) picks the encoder that ``encode`` reads and ``selfsup export`` writes."""
+
+    def export_backbone(self) -> nn.Module:
+        return self.target_backbone if self.cfg.eval_encoder == "target" else self.backbone
+
+    def momentum(self, progress: Progress) -> float:
+        """m for the update after optimizer step ``progress.step`` (update index step - 1)."""
+        start, end = self.cfg.ema
+        return linear_momentum(max(0, progress.step - 1), progress.total_steps * self.cfg.ipe_scale, start, end)
+
+    def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.target_backbone, self.backbone)]
+
+    @torch.no_grad()
+    def on_step_end(self, progress: Progress) -> None:
+        super().on_step_end(progress)
+        ema_update(self.target_backbone, self.backbone, self.momentum(progress))
+
+
+def check_linear_ema_target(cfg) -> None:
+    """Refuse (ConfigError) a ``LinearEMATarget`` method's config whose ``ema`` is not 0 <= start <= end
+    <= 1, whose ``ipe_scale`` is not positive or whose ``eval_encoder`` is neither context nor target."""
+    from selfsup.errors import ConfigError
+
+    lo, hi = cfg.ema
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ConfigError(f"method.ema={cfg.ema}: needs 0 <= start <= end <= 1")
+    if cfg.ipe_scale <= 0:
+        raise ConfigError(f"method.ipe_scale={cfg.ipe_scale}: must be > 0")
+    if cfg.eval_encoder not in ("context", "target"):
+        raise ConfigError(f"method.eval_encoder={cfg.eval_encoder!r}: must be context or target")
+
+
 def check_annealed_decay(cfg) -> None:
     """Refuse (ConfigError) a method config whose ``ema_decay`` / ``ema_end_decay`` lie outside [0, 1] or
     whose ``ema_anneal_end_step`` is negative (the data2vec methods' schedule, ``annealed_decay``)."""

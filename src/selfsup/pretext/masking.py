@@ -500,6 +500,31 @@ def sequence_mask(kind: str, batch: int, num_patches: int, ratio: float, *, span
     raise ConfigError(f"mask kind {kind!r} is not one of random, block, future")
 
 
+def check_sequence_mask(ratio: float, kind: str, span: int) -> None:
+    """Refuse (ConfigError) a method config's ``mask_ratio`` outside (0, 1), a ``mask`` that is not a
+    ``sequence_mask`` kind, or a ``mask_span`` below 1 (the 1-D patch methods' shared options)."""
+    if not 0.0 < ratio < 1.0:
+        raise ConfigError(f"method.mask_ratio={ratio}: must be in (0, 1)")
+    if kind not in ("random", "block", "future"):
+        raise ConfigError(f"method.mask={kind!r}: must be random, block or future")
+    if span < 1:
+        raise ConfigError(f"method.mask_span={span}: must be >= 1")
+
+
+def sequence_mask_indices(mask: Tensor, num_masked: int) -> tuple[Tensor, Tensor]:
+    """``(keep (B, N - M) long, masked (B, M) long)``, each ascending, of masks (B, N) that hold exactly
+    ``num_masked`` = M True per row (``sequence_mask``'s: M = N - int(N (1 - ratio)) for every kind, see
+    ``masked_count``). No host sync: the count is the caller's, not read from the mask."""
+    order = _sorted_true_first(~mask)
+    keep_count = mask.shape[1] - num_masked
+    return order[:, :keep_count], order[:, keep_count:]
+
+
+def masked_count(num_patches: int, ratio: float) -> int:
+    """How many of ``num_patches`` a ``sequence_mask`` of ``ratio`` hides in every row: N - int(N (1 - ratio))."""
+    return _masked_count(num_patches, ratio)
+
+
 def wav2vec_span_masking(batch: int, length: int, prob: float, span: int, *,
                          device: torch.device | str | None = None,
                          generator: torch.Generator | None = None) -> Tensor:
