@@ -514,3 +514,28 @@ def test_sincos_1d_positions_against_a_hand_computed_case():
     assert got.shape == (1, 3, 4) and torch.allclose(got[0], want, atol=1e-7)
     with pytest.raises(ValueError, match="even dim"):
         sincos_1d_pos_embed(5, 3)
+
+
+def test_ts_jepa_on_a_labeled_set_then_the_svm_probe_from_the_cli(tmp_path, capsys):
+    """TS-JEPA trains on a .npz set from the CLI; `eval svm` fits TS2Vec's RBF SVM (C searched: 60
+    training series of 2 classes) on its pooled features and scores the test series."""
+    from selfsup.cli import main
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(-1, 1, 40)
+
+    def make(n):
+        y = np.arange(n) % 2
+        x = rng.normal(scale=0.3, size=(n, 2, 40)) + (2 * y - 1)[:, None, None] * ramp  # falling or rising
+        return x.astype(np.float32), y
+
+    (xa, ya), (xb, yb) = make(60), make(20)
+    np.savez(tmp_path / "set.npz", x_train=xa, y_train=ya, x_test=xb, y_test=yb)
+    over = tiny_jepa(tmp_path, f"data.source={tmp_path / 'set.npz'}", "trainer.max_steps=3", "trainer.run_name=j")
+    assert main(["pretrain", *over]) == 0
+    run = tmp_path / "runs" / "j"
+    assert main(["eval", "svm", "--checkpoint", str(run), "--device", "cpu"]) == 0
+    result = json.loads((run / "eval_svm.json").read_text())
+    assert result["train_samples"] == 60 and result["test_samples"] == 20 and result["searched"] is True
+    assert result["top1"] >= 90  # rising or falling: each patch's slope tells, even averaged over patches
+    assert "saved" in capsys.readouterr().out
