@@ -37,7 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 UCR_SETS = ("GunPoint", "BasicMotions")
 RECIPES = {"patchtst": {"etth1": "configs/patchtst/etth1_cpu.yaml", "ucr": "configs/patchtst/ucr_cpu.yaml"},
            "ts2vec": {"etth1": "configs/ts2vec/etth1.yaml", "ucr": "configs/ts2vec/ucr.yaml"},
-           "ts_jepa": {"etth1": "configs/ts_jepa/etth1.yaml", "ucr": "configs/ts_jepa/ucr_cpu.yaml"}}
+           "ts_jepa": {"etth1": "configs/ts_jepa/etth1.yaml", "ucr": "configs/ts_jepa/ucr_cpu.yaml"},
+           "ts_forecast": {"etth1": "configs/ts_forecast/etth1_cpu.yaml", "ucr": "configs/ts_forecast/ucr_cpu.yaml"},
+           # the same method with method.target=latent, as its own row
+           "ts_forecast-latent": {"etth1": "configs/ts_forecast/etth1_latent_cpu.yaml",
+                                  "ucr": "configs/ts_forecast/ucr_cpu.yaml", "ucr_override": ["method.target=latent",
+                                                                                            "backbone.dropout=0.0"]}}
 
 # published numbers beside ours (ETTh1, multivariate, standardized MSE / MAE on the test months)
 ANCHORS = {
@@ -93,7 +98,7 @@ def ucr_row(method: str, name: str, seed: int, args, out_dir: Path) -> dict:
     from selfsup.train.trainer import Trainer
 
     recipe = ROOT / RECIPES[method]["ucr"]
-    cfg = load_config(recipe, [f"data.source=ucr:{name}", f"trainer.seed={seed}", f"trainer.threads={args.threads}",
+    cfg = load_config(recipe, [*RECIPES[method].get("ucr_override", []), f"data.source=ucr:{name}", f"trainer.seed={seed}", f"trainer.threads={args.threads}",
                                "trainer.progress=false", f"trainer.out_dir={out_dir}", f"trainer.run_name={method}-{name}-{seed}",
                                "eval.final_knn=false", *([f"trainer.max_steps={args.ucr_steps}"] if args.ucr_steps else []),
                                *args.override])
@@ -131,7 +136,10 @@ def render(rows: list[dict]) -> str:
         out += ["**ETTh1 forecasting.** Each method pretrains its recipe on the 12 training months (PatchTST: "
                 "`configs/patchtst/etth1_cpu.yaml`, the paper's encoder, context 512, patch 12, 40% masked, 400 steps "
                 "of 64 windows where the paper trains 100 epochs; TS2Vec: `configs/ts2vec/etth1.yaml`, 200 steps of 16 "
-                "windows of 512, its official iteration count). Then a linear head on the frozen encoder forecasts H "
+                "windows of 512, its official iteration count; forecasting pretext: `configs/ts_forecast/etth1_cpu.yaml`, "
+                "windows of 336 in patches of 16, the last 96 steps predicted from the first 240 by PatchTST's encoder "
+                "and flatten head, 400 steps of 64 windows, and `ts_forecast-latent` the same predicting the EMA "
+                "encoder's tokens of the future patches, `etth1_latent_cpu.yaml`). Then a linear head on the frozen encoder forecasts H "
                 "steps (PatchTST's linear probing: the flattened patch tokens of each channel, de-normalized per window; "
                 "TS2Vec: the last step's representation to all 7 x H values), trained with Adam at lr 1e-4 and 1e-3, "
                 "the (lr, epoch) with the best validation MSE scored on every window of the 4 test months "
@@ -160,9 +168,11 @@ def render(rows: list[dict]) -> str:
     if ucr:
         out += ["**UCR/UEA classification.** Each method pretrains on a set's training series only (PatchTST: "
                 "`configs/patchtst/ucr_cpu.yaml`, 300 steps of 16 series, patches of 8; TS-JEPA: `configs/ts_jepa/ucr_cpu.yaml`, "
-                "the same encoder and steps, 70% of the patches hidden; TS2Vec: `configs/ts2vec/ucr.yaml`, "
+                "the same encoder and steps, 70% of the patches hidden; forecasting pretext: `configs/ts_forecast/ucr_cpu.yaml`, "
+                "the same encoder and steps, each series' last quarter predicted from the rest (values; "
+                "`ts_forecast-latent`: the EMA encoder's tokens); TS2Vec: `configs/ts2vec/ucr.yaml`, "
                 "its official 200 iterations of 16), then three probes on the pooled "
-                "features (PatchTST and TS-JEPA: each channel's patch tokens averaged, channels side by side; TS2Vec: "
+                "features (the PatchTST encoder: each channel's patch tokens averaged, channels side by side; TS2Vec: "
                 "the timestamps' representations max-pooled), fit on the training series and scored on the official "
                 "test series: logistic regression (L-BFGS, standardized features), an RBF SVM with C cross-validated "
                 "(TS2Vec's protocol, `selfsup eval svm`) and kNN (k = 5); top-1 %, mean ± standard deviation over the "

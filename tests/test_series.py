@@ -121,6 +121,32 @@ def test_bad_csvs_are_clear_errors(tmp_path):
         read_long_csv(str(tmp_path / "nope.csv"))
 
 
+def test_a_long_series_in_parquet_reads_as_its_csv(tmp_path):
+    """ETTh1 written as Parquet (the date a string column) gives the CSV's values, columns and ETT split."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from selfsup.data.series import is_long_series
+
+    ett = read_long_csv(EMBEDDED_SERIES)
+    table = {"date": pa.array([f"row{i}" for i in range(len(ett.values))])}
+    table.update({c: pa.array(ett.values[:, k]) for k, c in enumerate(ett.columns)})
+    path = tmp_path / "ETTh1.parquet"
+    pq.write_table(pa.table(table), path)
+    got = read_long_csv(str(path))
+    assert is_series_source(str(path)) and is_long_series(str(path))
+    assert got.columns == ett.columns and got.dropped == ("date",) and np.array_equal(got.values, ett.values)
+    windows = long_series_split(str(path), "test", 32)
+    assert windows.values.shape == long_series_split(EMBEDDED_SERIES, "test", 32).values.shape  # ETT's months
+
+    pq.write_table(pa.table({"a": pa.array([1.0, None, 3.0]), "b": pa.array([1, 2, 3])}), tmp_path / "gap.parquet")
+    with pytest.raises(DataError, match="1 missing or non-finite values in a"):
+        read_long_csv(str(tmp_path / "gap.parquet"))
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        read_long_csv(str(tmp_path / "junk.parquet"))
+
+
 TS_FILE = """# a tiny UEA-style file
 @problemName Tiny
 @univariate false
@@ -539,3 +565,129 @@ def test_ts_jepa_on_a_labeled_set_then_the_svm_probe_from_the_cli(tmp_path, caps
     assert result["train_samples"] == 60 and result["test_samples"] == 20 and result["searched"] is True
     assert result["top1"] >= 90  # rising or falling: each patch's slope tells, even averaged over patches
     assert "saved" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# forecasting pretext
+
+
+def tiny_forecast(tmp_path, *extra: str) -> list[str]:
+    """80-step windows in 10 patches of 8: the last 24 steps (3 patches) the future."""
+    return tiny_series(tmp_path, "method.name=ts_forecast", "method.horizon=24", "method.pred_dim=16",
+                       "backbone.dropout=0.0", "method.head_dropout=0.0", "data.seq_len=80", *extra)
+
+
+def test_forecast_pretext_value_loss_and_no_future_in_the_context(tmp_path):
+    from selfsup.core.build import build_method
+    from selfsup.methods.ts_forecast import context_norm
+
+    method = build_method(load_config(None, tiny_forecast(tmp_path)))
+    assert (method.context_patches, method.future_patches) == (7, 3)
+    x = torch.randn(2, 3, 80)
+    out = method({"series": x})
+    # by hand: normalize with the first 56 steps' mean and std, encode the 7 context patches, flatten head
+    past = x[..., :56]
+    normed = (x - past.mean(-1, keepdim=True)) / torch.sqrt(past.var(-1, keepdim=True, unbiased=False) + 1e-5)
+    assert torch.allclose(context_norm(x, 56), normed, atol=1e-6)
+    tokens = method.backbone.encode_patches(normed[..., :56].unfold(-1, 8, 8))
+    want = (method.head(tokens) - normed[..., 56:]).pow(2).mean()
+    assert float(out.loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+
+    # the future steps change the loss, never what the encoder reads or the head predicts
+    later = x.clone()
+    later[..., 56:] += 5 * torch.randn(2, 3, 24)
+    patches, _ = method.split(x)
+    patches2, future2 = method.split(later)
+    assert torch.equal(patches[:, :, :7], patches2[:, :, :7]) and not torch.equal(patches[:, :, 7:], patches2[:, :, 7:])
+    assert float(method({"series": later}).loss.detach()) != pytest.approx(float(out.loss.detach()))
+    assert method.teacher_pairs() == []  # value target: no EMA encoder
+
+
+def test_forecast_pretext_latent_target_and_errors(tmp_path):
+    import torch.nn.functional as F
+
+    from selfsup.core.build import build_method
+    from selfsup.errors import ConfigError
+
+    method = build_method(load_config(None, tiny_forecast(tmp_path, "method.target=latent")))
+    x = torch.randn(2, 3, 80)
+    out = method({"series": x})
+    patches, _ = method.split(x)
+    with torch.no_grad():
+        z = method.backbone.encode_patches(patches[:, :, :7]).flatten(0, 1)
+        h = method.target_backbone.encode_patches(patches).flatten(0, 1)[:, 7:]
+        ctx, ahead = torch.arange(7).expand(6, 7), torch.arange(7, 10).expand(6, 3)
+        want = (method.predictor(z, ctx, [ahead]) - F.layer_norm(h, (16,))).abs().mean()
+    assert float(out.loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    assert method.teacher_pairs() == [(method.target_backbone, method.backbone)] and method.encoder is method.backbone
+
+    build = lambda *o: build_method(load_config(None, tiny_forecast(tmp_path, *o)))  # noqa: E731
+    with pytest.raises(ConfigError, match="must be a multiple of the 8-step patch"):
+        build("method.horizon=20")
+    with pytest.raises(ConfigError, match="leaving at least one"):
+        build("method.horizon=80")
+    with pytest.raises(ConfigError, match="patches that do not overlap"):
+        build("backbone.patch_stride=4")
+    assert build("method.horizon=null").horizon == 16  # a quarter of 10 patches, rounded down: 2 patches
+    with pytest.raises(ConfigError, match="windows of 48 steps"):
+        method({"series": torch.randn(2, 3, 48)})
+
+
+def test_forecast_pretext_resumes_exactly(tmp_path):
+    from tests.conftest import resume_matches_straight
+
+    resume_matches_straight(load_config(None, tiny_forecast(tmp_path, "method.target=latent", "trainer.max_steps=6")),
+                            tmp_path, until_step=3)
+
+
+# --------------------------------------------------------------------------------------
+# cross-variable prediction
+
+
+def test_crossvar_hides_whole_channels_and_predicts_them_from_the_others(tmp_path):
+    from selfsup.core.build import build_method
+    from selfsup.errors import ConfigError
+    from selfsup.methods.ts_crossvar import hidden_channels
+
+    torch.manual_seed(0)
+    visible, hidden = hidden_channels(500, 7, 0.25)
+    assert visible.shape == (500, 5) and hidden.shape == (500, 2)  # round(0.25 x 7) = 2
+    assert torch.equal(torch.cat([visible, hidden], 1).sort(1).values, torch.arange(7).expand(500, 7))
+    counts = torch.bincount(hidden.flatten(), minlength=7).float()
+    assert (counts / 1000 - 1 / 7).abs().max() < 0.04  # every channel held out as often
+    assert hidden_channels(3, 2, 0.1)[1].shape == (3, 1)  # at least one
+    with pytest.raises(ConfigError, match="leaves none"):
+        hidden_channels(3, 2, 0.9)
+
+    method = build_method(load_config(None, tiny_series(tmp_path, "method.name=ts_crossvar", "method.decoder_dim=16",
+                                                        "method.decoder_heads=2", "backbone.dropout=0.0")))
+    assert method.channels == 7  # ETTh1's, fixed from the data
+    x = torch.randn(2, 7, 48)
+    torch.manual_seed(4)
+    out = method({"series": x})
+    torch.manual_seed(4)
+    visible, hidden = hidden_channels(2, 7, 0.25)
+    patches = method.backbone.patchify(instance_norm(x)[0])
+    rows = torch.arange(2)[:, None]
+    tokens = method.backbone.encode_patches(patches[rows, visible])
+    pred = method.decoder(tokens, visible, hidden)
+    assert pred.shape == (2, 2, 6, 8)
+    assert float(out.loss.detach()) == pytest.approx(float((pred - patches[rows, hidden]).pow(2).mean().detach()), rel=1e-5)
+    # the encoder never reads a hidden channel: garbage there changes only the loss's targets
+    spoiled = x.clone()
+    spoiled[rows, hidden] = 1e3 * torch.randn(2, 2, 48)
+    p2 = method.backbone.patchify(instance_norm(spoiled)[0])
+    assert torch.allclose(method.backbone.encode_patches(p2[rows, visible]), tokens, atol=1e-5)
+
+    with pytest.raises(ConfigError, match="needs series of at least 2 channels"):
+        build_method(load_config(None, tiny_series(tmp_path, "method.name=ts_crossvar", "backbone.in_chans=1")))
+    with pytest.raises(ConfigError, match="built for 7 channels"):
+        method({"series": torch.randn(2, 3, 48)})
+
+
+def test_crossvar_resumes_exactly(tmp_path):
+    from tests.conftest import resume_matches_straight
+
+    cfg = load_config(None, tiny_series(tmp_path, "method.name=ts_crossvar", "method.decoder_dim=16",
+                                        "method.decoder_heads=2", "trainer.max_steps=6"))
+    resume_matches_straight(cfg, tmp_path, until_step=3)

@@ -70,6 +70,8 @@ RECIPES = {
     "data2vec_text": (None, ["method.name=data2vec_text", "method.top_k=2", *TEXT_TINY]),
     "patchtst": (None, ["method.name=patchtst", *SERIES_TINY]),
     "ts_jepa": (None, ["method.name=ts_jepa", "method.pred_dim=16", *SERIES_TINY]),
+    "ts_crossvar": (None, ["method.name=ts_crossvar", "method.decoder_dim=16", "method.decoder_heads=2", *SERIES_TINY]),
+    "ts_forecast": (None, ["method.name=ts_forecast", "method.target=latent", "method.pred_dim=16", *SERIES_TINY]),
     "ts2vec": (None, ["method.name=ts2vec", *SERIES_TINY, "backbone.name=ts2vec", "backbone.width=8",
                       "backbone.depth=2"]),
     "audio_mae": (None, ["method.name=audio_mae", "method.decoder_dim=32", "method.decoder_depth=2",

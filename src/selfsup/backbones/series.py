@@ -121,7 +121,7 @@ class PatchTST(Backbone):
 
     def __init__(self, *, max_len: int = 512, patch_size: int = 12, patch_stride: int | None = None,
                  embed_dim: int = 128, depth: int = 3, num_heads: int = 16, dropout: float = 0.0,
-                 norm: str = "post") -> None:
+                 norm: str = "post", in_chans: int | None = None) -> None:
         stride = patch_stride or patch_size
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
@@ -132,6 +132,9 @@ class PatchTST(Backbone):
         super().__init__(model, embed_dim, "selfsup")
         self.max_len, self.patch_size, self.patch_stride, self.patches = max_len, patch_size, stride, patches
         self.embed_dim, self.depth, self.num_heads, self.norm_type = embed_dim, depth, num_heads, norm
+        # the data's channel count: the encoder reads any number (one at a time), methods that model
+        # channels jointly (ts_crossvar's decoder) size themselves by it
+        self.in_chans = in_chans
 
     def patchify(self, x: Tensor) -> Tensor:
         """(B, C, T) -> (B, C, N, P): the last ``P + S (N - 1)`` steps cut into patches."""
@@ -192,7 +195,7 @@ def build_patchtst(cfg: BackboneConfig) -> PatchTST:
         raise ConfigError(f"backbone.max_len={max_len} (data.seq_len) is shorter than one patch "
                           f"(backbone.patch_size={patch})")
     return PatchTST(max_len=max_len, patch_size=patch, patch_stride=cfg.patch_stride, embed_dim=dim, depth=depth,
-                    num_heads=heads, dropout=cfg.dropout, norm=cfg.norm or "post")
+                    num_heads=heads, dropout=cfg.dropout, norm=cfg.norm or "post", in_chans=cfg.in_chans)
 
 
 # --------------------------------------------------------------------------------------

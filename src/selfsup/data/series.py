@@ -7,7 +7,9 @@ Sources (``data.source``):
   unmodified (``data/embedded/ETTh1.csv.gz`` decompresses to the original file byte for byte;
   ``ETDataset-LICENSE`` beside it);
 - a CSV file (``.csv`` or ``.csv.gz``) holding one long multivariate series, one row per time step,
-  a header line naming the columns; non-numeric columns (the ``date``) are left out;
+  a header line naming the columns; non-numeric columns (the ``date``) are left out; or the same table
+  as Parquet (``.parquet``, read with ``pyarrow``: ``pip install selfsup[parquet]``), its integer and
+  floating-point columns the variables;
 - a set of series: a ``.npy`` array (N, T) or (N, C, T), a ``.npz`` with ``x`` and optional labels
   ``y`` (or ``x_train`` / ``y_train`` / ``x_test`` / ``y_test``), a UCR/UEA ``.ts`` file, a folder
   holding ``train.npz`` / ``test.npz`` (or ``.npy``) or UCR's ``<Name>_TRAIN.ts`` /
@@ -53,6 +55,7 @@ EMBEDDED_SERIES = "embedded-series"
 EMBEDDED_SERIES_FILE = Path(__file__).resolve().parent / "embedded" / "ETTh1.csv.gz"
 UCR_PREFIX = "ucr:"
 SET_SUFFIXES = (".npy", ".npz", ".ts")
+LONG_SUFFIXES = (".csv", ".csv.gz", ".parquet")  # one long series, one row per step
 SPLITS = ("train", "val", "test")
 VAL_ALIASES = ("val", "valid", "validation", "dev")
 ETT_HOUR_MONTH = 30 * 24  # rows per month of the hourly ETT files (the loaders' 30-day months)
@@ -65,7 +68,7 @@ def is_series_source(source: str) -> bool:
         return True
     path = Path(text).expanduser()
     name = path.name.lower()
-    if name.endswith((".csv", ".csv.gz")) or path.suffix.lower() in SET_SUFFIXES:
+    if name.endswith(LONG_SUFFIXES) or path.suffix.lower() in SET_SUFFIXES:
         return True
     if path.is_dir():
         return any(path.glob("*.ts")) or any((path / f"{s}{x}").is_file() for s in SPLITS for x in (".npy", ".npz"))
@@ -75,7 +78,7 @@ def is_series_source(source: str) -> bool:
 def is_long_series(source: str) -> bool:
     """A long series cut into windows (CSV), rather than a set of series."""
     text = source.strip()
-    return text.lower() == EMBEDDED_SERIES or Path(text).name.lower().endswith((".csv", ".csv.gz"))
+    return text.lower() == EMBEDDED_SERIES or Path(text).name.lower().endswith(LONG_SUFFIXES)
 
 
 # --------------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ def is_long_series(source: str) -> bool:
 
 @dataclass(frozen=True)
 class LongSeries:
-    """A long series read from a CSV: ``values`` (T, C) float64 as stored, its column names."""
+    """A long series read from a CSV or Parquet file: ``values`` (T, C) float64 as stored, its column names."""
 
     values: np.ndarray
     columns: tuple[str, ...]
@@ -97,8 +100,8 @@ def _csv_path(source: str) -> Path:
         return EMBEDDED_SERIES_FILE
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataError(f"time-series data {source} not found (a CSV of one long series, a .npy/.npz/.ts set, "
-                        f"a folder of them, ucr:<Name> or {EMBEDDED_SERIES})")
+        raise DataError(f"time-series data {source} not found (a CSV or Parquet file of one long series, a "
+                        f".npy/.npz/.ts set, a folder of them, ucr:<Name> or {EMBEDDED_SERIES})")
     return path
 
 
@@ -111,8 +114,41 @@ def _is_number(text: str) -> bool:
 
 
 def read_long_csv(source: str) -> LongSeries:
+    """The long series of a CSV (or Parquet) file, or of ``embedded-series``; cached per file version."""
     path = _csv_path(source)
+    if path.name.lower().endswith(".parquet"):
+        return _read_long_parquet(str(path), path.stat().st_mtime_ns)
     return _read_long_csv(str(path), path.stat().st_mtime_ns)
+
+
+def _check_finite(path: Path, values: np.ndarray, columns: list[str]) -> None:
+    if not np.isfinite(values).all():
+        bad_cols = [c for k, c in enumerate(columns) if not np.isfinite(values[:, k]).all()]
+        raise DataError(f"{path}: {int((~np.isfinite(values)).sum())} missing or non-finite values in "
+                        f"{', '.join(bad_cols)}; fill them before training (e.g. carry the last value forward)")
+
+
+@lru_cache(maxsize=4)
+def _read_long_parquet(path_str: str, mtime_ns: int) -> LongSeries:
+    path = Path(path_str)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow (pip install 'selfsup[parquet]'), or save the "
+                        f"table as CSV") from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    if table.num_rows < 2:
+        raise DataError(f"{path}: a long series needs rows, found {table.num_rows}")
+    numeric = [f.name for f in table.schema if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)]
+    if not numeric:
+        raise DataError(f"{path}: no numeric column (found {', '.join(table.column_names)})")
+    values = np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64) for c in numeric])
+    _check_finite(path, values, numeric)
+    return LongSeries(values, tuple(numeric), path.name, tuple(c for c in table.column_names if c not in numeric))
 
 
 @lru_cache(maxsize=4)
@@ -135,7 +171,6 @@ def _read_long_csv(path_str: str, mtime_ns: int) -> LongSeries:
     if not numeric:
         raise DataError(f"{path}: no numeric column (found {', '.join(header)})")
     values = np.empty((len(body), len(numeric)), dtype=np.float64)
-    missing = 0
     for i, r in enumerate(body):
         for k, j in enumerate(numeric):
             cell = r[j]
@@ -143,11 +178,7 @@ def _read_long_csv(path_str: str, mtime_ns: int) -> LongSeries:
                 values[i, k] = float(cell) if cell != "" else math.nan
             except ValueError:
                 raise DataError(f"{path}: line {i + 2}, column {header[j]!r}: {cell!r} is not a number") from None
-            missing += cell == ""
-    if missing or not np.isfinite(values).all():
-        bad_cols = [header[j] for k, j in enumerate(numeric) if not np.isfinite(values[:, k]).all()]
-        raise DataError(f"{path}: {int((~np.isfinite(values)).sum())} missing or non-finite values in "
-                        f"{', '.join(bad_cols)}; fill them before training (e.g. carry the last value forward)")
+    _check_finite(path, values, [header[j] for j in numeric])
     name = path.name[:-3] if path.name.lower().endswith(".gz") else path.name
     return LongSeries(values, tuple(header[j] for j in numeric), name,
                       tuple(h for j, h in enumerate(header) if j not in numeric))

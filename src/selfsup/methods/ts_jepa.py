@@ -102,10 +102,7 @@ class TSJEPA(LinearEMATarget, SeriesMethod):
 
     def __init__(self, cfg: TSJEPAConfig, backbone: nn.Module, augment=None) -> None:
         super().__init__(cfg, backbone, augment)
-        from selfsup.backbones.series import PatchTST
-
-        if not isinstance(backbone, PatchTST):
-            raise ConfigError(f"ts_jepa trains a patch encoder (backbone.name=patchtst), got {type(backbone).__name__}")
+        self.require_patch_encoder()
         if masked_count(backbone.patches, cfg.mask_ratio) >= backbone.patches:
             raise ConfigError(f"ts_jepa: method.mask_ratio={cfg.mask_ratio} hides all {backbone.patches} patches")
         official_init_(backbone.model)  # TS-JEPA's init_weights: trunc-normal(0.02) Linear weights, zero biases

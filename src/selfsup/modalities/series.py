@@ -39,6 +39,15 @@ class SeriesMethod(Method):
         if not isinstance(backbone, (PatchTST, TSEncoder)):
             raise ConfigError(f"{self.name} needs a time-series encoder (patchtst, ts2vec), got {type(backbone).__name__}")
 
+    def require_patch_encoder(self) -> None:
+        """Refuse (ConfigError) a backbone other than the PatchTST patch encoder, for methods built on its
+        patches (masks, token dropping, per-patch heads)."""
+        from selfsup.backbones.series import PatchTST
+
+        if not isinstance(self.backbone, PatchTST):
+            raise ConfigError(f"{self.name} trains a patch encoder (backbone.name=patchtst), got "
+                              f"{type(self.backbone).__name__}")
+
     def check(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(batch, torch.Tensor):
             batch = {BATCH_KEY: batch}
@@ -95,7 +104,7 @@ def _open(cfg: Any, split: str, evaluation: bool = False) -> Any:
 
 
 SERIES = register_modality(Modality("series", (BATCH_KEY,), _claims, _open,
-                                    "float series (B, C, T); long-series CSVs, .npy/.npz/.ts sets, ucr:<Name>, "
+                                    "float series (B, C, T); long-series CSV/Parquet, .npy/.npz/.ts sets, ucr:<Name>, "
                                     "embedded-series", configure=_configure))
 
 __all__ = ["SERIES", "SeriesMethod"]

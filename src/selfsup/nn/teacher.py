@@ -80,10 +80,12 @@ class LinearEMATarget:
     as a mixin before the method's modality base class: ``self.target_backbone`` follows
     ``self.backbone`` by EMA after every kept step, the momentum rising linearly from ``cfg.ema[0]`` to
     ``cfg.ema[1]`` over ``cfg.ipe_scale`` x the run (``linear_momentum``), and ``cfg.eval_encoder``
-    (``context`` or ``target``) picks the encoder that ``encode`` reads and ``selfsup export`` writes."""
+    (``context`` or ``target``; context where the config has no such option) picks the encoder that
+    ``encode`` reads and ``selfsup export`` writes. A method that built no ``target_backbone`` (a
+    configuration without one, such as ts_forecast's value target) has no teacher and no EMA step."""
 
     def export_backbone(self) -> nn.Module:
-        return self.target_backbone if self.cfg.eval_encoder == "target" else self.backbone
+        return self.target_backbone if getattr(self.cfg, "eval_encoder", "context") == "target" else self.backbone
 
     def momentum(self, progress: Progress) -> float:
         """m for the update after optimizer step ``progress.step`` (update index step - 1)."""
@@ -91,17 +93,20 @@ class LinearEMATarget:
         return linear_momentum(max(0, progress.step - 1), progress.total_steps * self.cfg.ipe_scale, start, end)
 
     def teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(self.target_backbone, self.backbone)]
+        target = getattr(self, "target_backbone", None)
+        return [] if target is None else [(target, self.backbone)]
 
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
         super().on_step_end(progress)
-        ema_update(self.target_backbone, self.backbone, self.momentum(progress))
+        for target, online in self.teacher_pairs():
+            ema_update(target, online, self.momentum(progress))
 
 
 def check_linear_ema_target(cfg) -> None:
     """Refuse (ConfigError) a ``LinearEMATarget`` method's config whose ``ema`` is not 0 <= start <= end
-    <= 1, whose ``ipe_scale`` is not positive or whose ``eval_encoder`` is neither context nor target."""
+    <= 1, whose ``ipe_scale`` is not positive or whose ``eval_encoder`` (where it has one) is neither
+    context nor target."""
     from selfsup.errors import ConfigError
 
     lo, hi = cfg.ema
@@ -109,7 +114,7 @@ def check_linear_ema_target(cfg) -> None:
         raise ConfigError(f"method.ema={cfg.ema}: needs 0 <= start <= end <= 1")
     if cfg.ipe_scale <= 0:
         raise ConfigError(f"method.ipe_scale={cfg.ipe_scale}: must be > 0")
-    if cfg.eval_encoder not in ("context", "target"):
+    if getattr(cfg, "eval_encoder", "context") not in ("context", "target"):
         raise ConfigError(f"method.eval_encoder={cfg.eval_encoder!r}: must be context or target")
 
 
