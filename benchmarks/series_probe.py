@@ -42,7 +42,11 @@ RECIPES = {"patchtst": {"etth1": "configs/patchtst/etth1_cpu.yaml", "ucr": "conf
            # the same method with method.target=latent, as its own row
            "ts_forecast-latent": {"etth1": "configs/ts_forecast/etth1_latent_cpu.yaml",
                                   "ucr": "configs/ts_forecast/ucr_cpu.yaml", "ucr_override": ["method.target=latent",
-                                                                                            "backbone.dropout=0.0"]}}
+                                                                                            "backbone.dropout=0.0"]},
+           "ts_crossvar": {"etth1": "configs/ts_crossvar/etth1_cpu.yaml", "ucr": "configs/ts_crossvar/ucr_cpu.yaml"},
+           # the two-view methods on series: TS-TCC's views, TS2Vec's encoder
+           "simclr-series": {"ucr": "configs/simclr/ucr_series.yaml"},
+           "vicreg-series": {"ucr": "configs/vicreg/ucr_series.yaml"}}
 
 # published numbers beside ours (ETTh1, multivariate, standardized MSE / MAE on the test months)
 ANCHORS = {
@@ -139,7 +143,9 @@ def render(rows: list[dict]) -> str:
                 "windows of 512, its official iteration count; forecasting pretext: `configs/ts_forecast/etth1_cpu.yaml`, "
                 "windows of 336 in patches of 16, the last 96 steps predicted from the first 240 by PatchTST's encoder "
                 "and flatten head, 400 steps of 64 windows, and `ts_forecast-latent` the same predicting the EMA "
-                "encoder's tokens of the future patches, `etth1_latent_cpu.yaml`). Then a linear head on the frozen encoder forecasts H "
+                "encoder's tokens of the future patches, `etth1_latent_cpu.yaml`; the probe reads the last 240 steps, "
+                "the context the pretext forecast from; cross-variable prediction: `configs/ts_crossvar/etth1_cpu.yaml`, "
+                "the same encoder and windows, 2 of the 7 channels held out and reconstructed). Then a linear head on the frozen encoder forecasts H "
                 "steps (PatchTST's linear probing: the flattened patch tokens of each channel, de-normalized per window; "
                 "TS2Vec: the last step's representation to all 7 x H values), trained with Adam at lr 1e-4 and 1e-3, "
                 "the (lr, epoch) with the best validation MSE scored on every window of the 4 test months "
@@ -170,10 +176,13 @@ def render(rows: list[dict]) -> str:
                 "`configs/patchtst/ucr_cpu.yaml`, 300 steps of 16 series, patches of 8; TS-JEPA: `configs/ts_jepa/ucr_cpu.yaml`, "
                 "the same encoder and steps, 70% of the patches hidden; forecasting pretext: `configs/ts_forecast/ucr_cpu.yaml`, "
                 "the same encoder and steps, each series' last quarter predicted from the rest (values; "
-                "`ts_forecast-latent`: the EMA encoder's tokens); TS2Vec: `configs/ts2vec/ucr.yaml`, "
+                "`ts_forecast-latent`: the EMA encoder's tokens); cross-variable prediction: `configs/ts_crossvar/ucr_cpu.yaml`, the "
+                "same encoder and steps, 2 of the 6 channels held out (multivariate sets only); SimCLR and VICReg "
+                "on series: `configs/{simclr,vicreg}/ucr_series.yaml`, TS-TCC's weak and strong views and TS2Vec's "
+                "encoder, 300 steps of 16; TS2Vec: `configs/ts2vec/ucr.yaml`, "
                 "its official 200 iterations of 16), then three probes on the pooled "
-                "features (the PatchTST encoder: each channel's patch tokens averaged, channels side by side; TS2Vec: "
-                "the timestamps' representations max-pooled), fit on the training series and scored on the official "
+                "features (the PatchTST encoder: each channel's patch tokens averaged, channels side by side; TS2Vec's "
+                "encoder: the timestamps' representations max-pooled), fit on the training series and scored on the official "
                 "test series: logistic regression (L-BFGS, standardized features), an RBF SVM with C cross-validated "
                 "(TS2Vec's protocol, `selfsup eval svm`) and kNN (k = 5); top-1 %, mean ± standard deviation over the "
                 "seeds. Random init: the same encoder, same seed and same initialization, untrained.", "",

@@ -23,7 +23,7 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
     recipe, overrides = RECIPES[name]
     model = selfsup.create(load_config(recipe, [*overrides, "trainer.precision=32"]))
     assert isinstance(model, getattr(selfsup, type(model).__name__))  # reachable by class name
-    if "text" in model.modalities:  # token blocks in, a pooled sequence feature out
+    if model.modality == "text":  # token blocks in, a pooled sequence feature out
         ids = torch.randint(5, model.backbone.vocab_size, (4, 17), generator=torch.Generator().manual_seed(3))
         loss, metrics = model({"tokens": ids})
         assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad and isinstance(metrics, dict)
@@ -35,7 +35,7 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
             assert feats.shape == (4, model.encoder.out_dim)
             assert torch.equal(model.encoder(ids[:, :16], mask, causal=model.causal), feats)
         return
-    if "series" in model.modalities:  # windows (B, C, T) in, each channel's pooled tokens side by side out
+    if model.modality == "series":  # windows (B, C, T) in, each channel's pooled tokens side by side out
         x = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(3))
         loss, metrics = model({"series": x})
         assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad and isinstance(metrics, dict)
@@ -48,7 +48,7 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
             assert feats.shape == (4, (7 if per_channel else 1) * model.encoder.out_dim)
             assert torch.equal(model.encoder(x), feats) and torch.equal(model.embed({"series": x}), feats)
         return
-    if "audio" in model.modalities:  # waveforms (B, 1, samples) in, the pooled spectrogram-patch tokens out
+    if model.modality == "audio":  # waveforms (B, 1, samples) in, the pooled spectrogram-patch tokens out
         x = 0.1 * torch.randn(4, 1, 4000, generator=torch.Generator().manual_seed(3))
         loss, metrics = model({"audio": x})
         assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad and isinstance(metrics, dict)

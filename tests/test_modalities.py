@@ -28,6 +28,8 @@ from selfsup.train.trainer import Trainer
 def series_modality(monkeypatch):
     """A stand-in for the series modality for the test: batches keyed ``series``, and the only source it
     claims is ``toyseries`` (so the checks below do not depend on the real reader's rules)."""
+    get_method("simclr")  # the real modalities and methods registered first: the stand-in replaces the series one
+    M.get_modality("series")
     toy = M.Modality("series", ("series",), lambda source: source == "toyseries", lambda *a, **k: None)
     monkeypatch.setitem(M.MODALITIES, "series", toy)
     return toy
@@ -43,9 +45,16 @@ def test_the_base_method_knows_no_modality_and_every_method_declares_its_own():
     from selfsup.modalities.series import SeriesMethod
     from selfsup.modalities.text import TextMethod
 
+    from selfsup.modalities.views import ViewMethod
+
     base = {"image": ImageMethod, "text": TextMethod, "series": SeriesMethod, "audio": AudioMethod}
     for name, cls in METHODS.items():
+        if issubclass(cls, ViewMethod):  # the two-view methods: images or series, by their encoder
+            assert cls.modalities == ("image", "series"), name
+            continue
         assert len(cls.modalities) == 1 and issubclass(cls, base[cls.modalities[0]]), name
+    two_view = {name for name, cls in METHODS.items() if issubclass(cls, ViewMethod)}
+    assert two_view == {"simclr", "mocov2", "mocov3", "byol", "simsiam", "barlow_twins", "vicreg"}
     assert M.modality_of_batch({"images": torch.zeros(1)}) == "image"
     assert M.modality_of_batch({"tokens": torch.zeros(1)}) == "text"
     assert M.modality_of_source("embedded") == "image"
@@ -67,11 +76,15 @@ def test_a_batch_of_another_modality_is_one_line(series_modality):
 
 def test_config_rejects_data_and_encoders_of_another_modality(series_modality, monkeypatch, capsys):
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["data.source=toyseries"])
-    assert str(err.value) == "simclr trains on image data; data.source=toyseries is series data"
-    assert main(["pretrain", "data.source=toyseries"]) == 2
+        load_config(None, ["method.name=rotation", "data.source=toyseries"])
+    assert str(err.value) == "rotation trains on image data; data.source=toyseries is series data"
+    assert main(["pretrain", "method.name=rotation", "data.source=toyseries"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "selfsup: error: simclr trains on image data; data.source=toyseries is series data"]
+        "selfsup: error: rotation trains on image data; data.source=toyseries is series data"]
+    # a method of several modalities takes the series, but not on an image encoder
+    with pytest.raises(ConfigError, match=r"^backbone.name=resnet18 is an image encoder and data.source=toyseries is "
+                                          r"series data; simclr on series needs a series encoder"):
+        load_config(None, ["data.source=toyseries"])
 
     from selfsup import registry
 
@@ -84,7 +97,7 @@ def test_config_rejects_data_and_encoders_of_another_modality(series_modality, m
 def test_a_method_taking_several_modalities_reads_the_source_with_the_matching_reader(series_modality):
     assert M.modality_of_source("toyseries", ("image", "series")) == "series"
     M.check_source("data2vec_any", ("image", "series"), "toyseries")  # accepted: no error
-    assert get_method("simclr").modalities == ("image",)
+    assert get_method("mae").modalities == ("image",) and get_method("simclr").modalities == ("image", "series")
 
 
 # ----------------------------------------------------------------------------------- the user's data

@@ -601,6 +601,12 @@ def test_forecast_pretext_value_loss_and_no_future_in_the_context(tmp_path):
     assert torch.equal(patches[:, :, :7], patches2[:, :, :7]) and not torch.equal(patches[:, :, 7:], patches2[:, :, 7:])
     assert float(method({"series": later}).loss.detach()) != pytest.approx(float(out.loss.detach()))
     assert method.teacher_pairs() == []  # value target: no EMA encoder
+    # forecasting downstream reads the last 56 steps, as the pretext forecast from: earlier steps change nothing
+    feats, mean, std = method.forecast_features(later)
+    assert feats.shape == (2, 3, 7 * 16) and torch.allclose(mean, later[..., -56:].mean(-1, keepdim=True))
+    earlier = later.clone()
+    earlier[..., :24] = 0
+    assert torch.equal(method.forecast_features(earlier)[0], feats)
 
 
 def test_forecast_pretext_latent_target_and_errors(tmp_path):

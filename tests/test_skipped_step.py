@@ -103,13 +103,13 @@ def _poison(method: torch.nn.Module, on: dict) -> None:
     def nan(x):
         return torch.full_like(x, float("nan")) if on["nan"] else x
 
-    if "text" in method.modalities:
+    if method.modality == "text":
         method.backbone.model.tok_embed.register_forward_hook(lambda module, args, out: nan(out))
         return
-    if "audio" in method.modalities:  # every spectrogram patch embedding (the EMA teacher's own is not hooked)
+    if method.modality == "audio":  # every spectrogram patch embedding (the EMA teacher's own is not hooked)
         method.backbone.model.patch_embed.proj.register_forward_hook(lambda module, args, out: nan(out))
         return
-    if "series" in method.modalities:
+    if method.modality == "series":
         first = getattr(method.backbone.model, "patch_embed", None) or method.backbone.model.input_fc
         first.register_forward_hook(lambda module, args, out: nan(out))
         return

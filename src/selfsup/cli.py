@@ -117,7 +117,7 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _forecasts(method, cfg) -> bool:
     """Whether a run is judged by forecasting: a series method on one long series."""
-    if "series" not in method.modalities:
+    if method.modality != "series":
         return False
     from selfsup.data.series import is_long_series
 
@@ -310,7 +310,7 @@ def _perplexity(method, cfg, path: Path, out: Path, args: argparse.Namespace, de
 
     if not hasattr(method, "lm_scores"):
         raise ConfigError(f"perplexity scores language models (clm, mlm, t5); {cfg.method.name} is a "
-                          f"{'/'.join(method.modalities)} method")
+                          f"{method.modality} method")
     try:
         scores = language_model_scores(method, cfg, device=device, split=args.test_split, source=args.data,
                                        precision=precision)
@@ -328,9 +328,9 @@ def _forecast(method, cfg, path: Path, out: Path, args: argparse.Namespace, devi
     from selfsup.checkpoint import write_text_atomic
     from selfsup.eval.forecast import DEFAULT_HORIZONS, forecast_probe, forecast_table
 
-    if "series" not in method.modalities:
+    if method.modality != "series":
         raise ConfigError(f"forecasting reads a time-series encoder; {cfg.method.name} is a "
-                          f"{'/'.join(method.modalities)} method")
+                          f"{method.modality} method")
     horizons = tuple(args.horizons or DEFAULT_HORIZONS)
     if min(horizons) < 1:
         raise ConfigError(f"--horizons must be positive, got {list(horizons)}")
@@ -358,12 +358,12 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     device, _ = eval_device(args.device)
     method, cfg, path = load_method(args.checkpoint, device, overrides)
     out = _result_path(args.out, path.parent / "eval_finetune.json")
-    if not {"image", "text"} & set(method.modalities):
+    if method.modality not in ("image", "text"):
         raise ConfigError(f"fine-tuning has recipes for image and text encoders; {cfg.method.name} is a "
-                          f"{'/'.join(method.modalities)} method: probe it with selfsup eval linear / knn"
-                          + (" / forecast" if "series" in method.modalities else ""))
+                          f"{method.modality} method: probe it with selfsup eval linear / knn"
+                          + (" / forecast" if method.modality == "series" else ""))
     # images are augmented from the raw split; texts come as tokenized examples
-    load = load_feature_split if "text" in method.modalities else load_split
+    load = load_feature_split if method.modality == "text" else load_split
     train = load(cfg, args.train_split or cfg.data.train_split, args.data)
     test = load(cfg, args.test_split or cfg.data.test_split, args.data)
     epochs = args.epochs or (3 if load is load_feature_split else 100)  # BERT: 3 epochs; MAE ViT-B: 100

@@ -17,7 +17,7 @@ import dataclasses
 import difflib
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import yaml
 
 from selfsup.errors import ConfigError
 from selfsup.pretext.augment import AugmentConfig, simclr_view
+from selfsup.pretext.series_augment import SERIES_STRONG, SERIES_WEAK, SeriesViewConfig
 
 # --------------------------------------------------------------------------------------
 # sections
@@ -162,11 +163,16 @@ class AugmentSection:
     )
     local: AugmentConfig | None = None
     n_local: int = 0
+    # the views of series for the joint-embedding methods on a series encoder (pretext/series_augment.py):
+    # TS-TCC's weak (scaling) and strong (permutation, jitter) views by default
+    series: list[SeriesViewConfig] = field(default_factory=lambda: [replace(SERIES_WEAK), replace(SERIES_STRONG)])
 
     def validate(self) -> None:
         _check(len(self.views) >= 1, "augment.views", len(self.views), "needs at least one view")
         for i, v in enumerate(self.views):
             _validate_nested(v, f"augment.views.{i}")
+        for i, v in enumerate(self.series):
+            _validate_nested(v, f"augment.series.{i}")
         _check(self.n_local >= 0, "augment.n_local", self.n_local, "must be >= 0")
         if self.n_local > 0:
             if self.local is None:
@@ -321,6 +327,7 @@ class Config:
             check_source,
             describe,
             get_method,
+            modality_of_source,
         )
 
         method = get_method(self.method.name)
@@ -329,6 +336,12 @@ class Config:
             raise ConfigError(f"backbone.name={self.backbone.name} is an {encoder} encoder; {method.name} trains on "
                               f"{describe(method.modalities)}")
         check_source(method.name, method.modalities, self.data.source)
+        if encoder is not None and len(method.modalities) > 1:  # a method of several: encoder and data agree
+            found = modality_of_source(self.data.source, (encoder,))
+            if found is not None and found != encoder:
+                raise ConfigError(f"backbone.name={self.backbone.name} is an {encoder} encoder and data.source="
+                                  f"{self.data.source} is {found} data; {method.name} on {found} needs a {found} "
+                                  f"encoder" + (" (backbone.name=ts2vec)" if found == "series" else ""))
 
     def _check_local_crops(self) -> None:
         """Local crops only for methods that declare ``uses_local_crops`` (SwAV, DINO, DINOv2); the

@@ -53,11 +53,11 @@ def load_feature_split(cfg: Config, split: str, source: str | None = None):
     every image prepared in the loader workers (resize, centre crop to the method's eval size,
     ``augment.views.0.size``), so a bank of any size can be embedded; texts are tokenized examples."""
     from selfsup.data.modes import is_folder_source
-    from selfsup.registry import get_method, get_modality
+    from selfsup.registry import get_modality, run_modality
 
     src = source or cfg.data.source
     mode = cfg.data.mode if is_folder_source(src) else "auto"  # a run streamed from a folder, evaluated on CIFAR
-    modality = get_modality(get_method(cfg.method.name).modalities[0])
+    modality = get_modality(run_modality(cfg.method.name, cfg.backbone.name, src))
     return modality.open(replace(cfg, data=replace(cfg.data, source=src, mode=mode)), split, evaluation=True).dataset
 
 
@@ -237,10 +237,10 @@ def language_model_scores(method: Method, cfg: Config, *, device: torch.device, 
     from tqdm import tqdm
 
     from selfsup.data.loader import make_loader
-    from selfsup.registry import get_modality
+    from selfsup.registry import get_modality, run_modality
 
     src, split = source or cfg.data.source, split or cfg.data.test_split
-    opened = get_modality(method.modalities[0]).open(replace(cfg, data=replace(cfg.data, source=src)), split)
+    opened = get_modality(run_modality(cfg.method.name, cfg.backbone.name, src)).open(replace(cfg, data=replace(cfg.data, source=src)), split)
     loader = make_loader(opened.dataset, cfg.data.eval_batch_size, shuffle=False, drop_last=False)
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
     autocast = nullcontext()

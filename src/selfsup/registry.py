@@ -166,6 +166,19 @@ def modality_of_source(source: str, prefer: tuple[str, ...] = ()) -> str | None:
     return claimed[0] if claimed else None
 
 
+def run_modality(method: str, backbone: str, source: str) -> str:
+    """The modality a run trains on: the method's only one; for a method of several (the two-view
+    methods take images or series), its encoder's, else its data's, else its first."""
+    accepted = get_method(method).modalities
+    if len(accepted) == 1:
+        return accepted[0]
+    encoder = backbone_modality(backbone)
+    if encoder in accepted:
+        return encoder
+    found = modality_of_source(source, accepted)
+    return found if found in accepted else accepted[0]
+
+
 def describe(modalities: tuple[str, ...]) -> str:
     """``image`` / ``image or text``: for messages."""
     return " or ".join(modalities)

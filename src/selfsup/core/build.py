@@ -13,9 +13,9 @@ from selfsup.core.method import Method
 def resolve_config(cfg: Config) -> Config:
     """``cfg`` with the settings its modality fixes from the data before the encoder is built
     (text: the tokenizer, so the vocabulary size); a config that has them is returned as it is."""
-    from selfsup.registry import get_method, get_modality
+    from selfsup.registry import get_modality, run_modality
 
-    modality = get_modality(get_method(cfg.method.name).modalities[0])
+    modality = get_modality(run_modality(cfg.method.name, cfg.backbone.name, cfg.data.source))
     return modality.configure(cfg) if modality.configure is not None else cfg
 
 

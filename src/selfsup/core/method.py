@@ -98,6 +98,12 @@ class Method(nn.Module):
         self.backbone = backbone
         self._deferred: list[Callable[[], None]] = []  # state updates of this step, run by on_step_end
 
+    @property
+    def modality(self) -> str:
+        """The modality this instance trains on: its only one (a method of several, such as the two-view
+        methods on images or series, says which its encoder chose)."""
+        return self.modalities[0]
+
     def use_channels_last(self, enabled: bool) -> bool:
         """Whether the method takes the trainer's channels_last choice (4-D image inputs do, others do not)."""
         return False

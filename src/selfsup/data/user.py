@@ -103,7 +103,8 @@ def _to_dict(item: Any, batched: bool) -> dict[str, torch.Tensor]:
 def _check_modality(method: Any, example: Mapping[str, Any]) -> None:
     from selfsup.registry import check_batch
 
-    check_batch(method.name, method.modalities, example)
+    modality = getattr(method, "modality", None)  # an instance trains on one (a class: any it accepts)
+    check_batch(method.name, (modality,) if isinstance(modality, str) else method.modalities, example)
 
 
 class SampleSource(ImageStream):

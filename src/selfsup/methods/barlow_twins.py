@@ -38,7 +38,7 @@ from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import barlow_twins_terms, cross_correlation
-from selfsup.modalities.image import ImageMethod
+from selfsup.modalities.views import ViewMethod
 from selfsup.registry import register_method
 
 
@@ -66,7 +66,7 @@ class BarlowTwinsConfig(MethodConfig):
 
 
 @register_method
-class BarlowTwins(ImageMethod):
+class BarlowTwins(ViewMethod):
     name = "barlow_twins"
     paper = "Zbontar et al. 2021, Barlow Twins: Self-Supervised Learning via Redundancy Reduction"
     family = "redundancy"

@@ -45,7 +45,7 @@ from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import byol_loss
-from selfsup.modalities.image import ImageMethod
+from selfsup.modalities.views import ViewMethod
 from selfsup.nn.schedules import momentum_schedule
 from selfsup.nn.teacher import ema_update, make_teacher
 from selfsup.registry import register_method
@@ -71,7 +71,7 @@ class BYOLConfig(MethodConfig):
 
 
 @register_method
-class BYOL(ImageMethod):
+class BYOL(ViewMethod):
     name = "byol"
     paper = "Grill et al. 2020, Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning"
     family = "distillation"

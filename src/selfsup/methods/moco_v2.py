@@ -46,7 +46,7 @@ from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import moco_info_nce
-from selfsup.modalities.image import ImageMethod
+from selfsup.modalities.views import ViewMethod
 from selfsup.nn.teacher import ema_update, make_teacher
 from selfsup.registry import register_method
 
@@ -92,7 +92,7 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor) -> None:
 
 
 @register_method
-class MoCoV2(ImageMethod):
+class MoCoV2(ViewMethod):
     name = "mocov2"
     paper = "Chen, Fan, Girshick, He 2020, Improved Baselines with Momentum Contrastive Learning (MoCo: He et al. 2020)"
     family = "contrastive"

@@ -45,7 +45,7 @@ from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import moco_v3_loss
-from selfsup.modalities.image import ImageMethod
+from selfsup.modalities.views import ViewMethod
 from selfsup.nn.teacher import EMA, make_teacher
 from selfsup.registry import register_method
 
@@ -75,7 +75,7 @@ class MoCoV3Config(MethodConfig):
 
 
 @register_method
-class MoCoV3(ImageMethod):
+class MoCoV3(ViewMethod):
     name = "mocov3"
     paper = "Chen, Xie, He 2021, An Empirical Study of Training Self-Supervised Vision Transformers"
     family = "contrastive"

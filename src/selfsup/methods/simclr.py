@@ -22,7 +22,7 @@ from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import ProjectionHead
 from selfsup.losses import nt_xent
-from selfsup.modalities.image import ImageMethod
+from selfsup.modalities.views import ViewMethod
 from selfsup.registry import register_method
 
 
@@ -43,7 +43,7 @@ class SimCLRConfig(MethodConfig):
 
 
 @register_method
-class SimCLR(ImageMethod):
+class SimCLR(ViewMethod):
     name = "simclr"
     paper = "Chen et al. 2020, A Simple Framework for Contrastive Learning of Visual Representations"
     family = "contrastive"

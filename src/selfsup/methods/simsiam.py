@@ -39,7 +39,7 @@ from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import simsiam_loss
-from selfsup.modalities.image import ImageMethod
+from selfsup.modalities.views import ViewMethod
 from selfsup.registry import register_method
 
 
@@ -60,7 +60,7 @@ class SimSiamConfig(MethodConfig):
 
 
 @register_method
-class SimSiam(ImageMethod):
+class SimSiam(ViewMethod):
     name = "simsiam"
     paper = "Chen & He 2021, Exploring Simple Siamese Representation Learning"
     family = "distillation"

@@ -30,7 +30,9 @@ the PatchTST encoder; the encoder that ``encode`` reads and ``selfsup export`` w
 that reads the past (a full window at evaluation).
 
 ``encode`` is the pooled encoder feature (each channel's tokens averaged over the window's patches,
-channels side by side), ``selfsup eval forecast`` the flattened patch tokens of a whole window. The
+channels side by side). ``selfsup eval forecast`` reads what the pretext forecast from: the flattened
+tokens of the last N_c patches of a window, normalized with their own statistics (a whole window would
+put tokens at the N_f positions the encoder never saw; an exported encoder reads whole windows). The
 collapse monitor watches the mean context token of each channel sequence.
 """
 
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfsup.backbones.series import REVIN_EPS
+from selfsup.backbones.series import REVIN_EPS, instance_norm
 from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import jepa_l1_loss
@@ -142,3 +144,13 @@ class TSForecast(LinearEMATarget, SeriesMethod):
             target = F.layer_norm(h, (h.shape[-1],))
         pred = self.predictor(z.flatten(0, 1), ctx, [ahead])
         return StepOutput(jepa_l1_loss(pred, target), {}, embeddings=embeddings)
+
+    def forecast_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``selfsup eval forecast`` reads: the flattened tokens of the window's last N_c patches (the
+        context length and positions the encoder forecast from in pretraining; a whole window would put
+        tokens at the N_f positions it never saw), normalized with those steps' own statistics."""
+        steps = self.context_patches * self.backbone.patch_size
+        if x.shape[-1] < steps:
+            raise ConfigError(f"ts_forecast: windows of {x.shape[-1]} steps; the encoder forecasts from {steps}")
+        normed, mean, std = instance_norm(x[..., -steps:])
+        return self.encoder.encode_patches(self.encoder.patchify(normed)).flatten(2), mean, std

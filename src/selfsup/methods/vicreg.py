@@ -34,7 +34,7 @@ from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.heads import mlp
 from selfsup.losses import vicreg_terms
-from selfsup.modalities.image import ImageMethod
+from selfsup.modalities.views import ViewMethod
 from selfsup.registry import register_method
 
 
@@ -64,7 +64,7 @@ class VICRegConfig(MethodConfig):
 
 
 @register_method
-class VICReg(ImageMethod):
+class VICReg(ViewMethod):
     name = "vicreg"
     paper = "Bardes, Ponce & LeCun 2022, VICReg: Variance-Invariance-Covariance Regularization for " \
             "Self-Supervised Learning"

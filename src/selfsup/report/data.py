@@ -147,7 +147,7 @@ class _Model:
             from selfsup.evaluate import load_feature_split, load_split
 
             method, cfg = self.method
-            if "image" in method.modalities:
+            if method.modality == "image":
                 full = load_split(cfg, cfg.data.test_split, self.data)
             else:  # other modalities: their labeled evaluation samples (texts: tokenized examples)
                 full = load_feature_split(cfg, cfg.data.test_split, self.data)

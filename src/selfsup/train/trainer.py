@@ -61,7 +61,7 @@ def open_training_data(cfg: Config, data=None) -> tuple[Any, str, str]:
     from selfsup.data.shards import ShardStream
     from selfsup.data.sources import FolderStream
     from selfsup.data.user import BatchIterable, SampleSource
-    from selfsup.registry import get_method, get_modality, modality_of_source
+    from selfsup.registry import get_modality, run_modality
 
     if data is not None:
         kinds = ((FolderStream, "stream"), (ShardStream, "shards"), (SampleSource, "dataset"),
@@ -70,9 +70,8 @@ def open_training_data(cfg: Config, data=None) -> tuple[Any, str, str]:
         what = {"dataset": "a Dataset of samples given to the Trainer, read by the loader workers",
                 "iterable": "an iterable of batches given to the Trainer, read as it comes"}
         return data, mode, f"{mode} ({what.get(mode, 'a source given to the Trainer')})"
-    method = get_method(cfg.method.name)  # config validation already refused a source of another modality
-    modality = modality_of_source(cfg.data.source, method.modalities) or method.modalities[0]
-    opened = get_modality(modality).open(cfg, cfg.data.train_split)
+    # config validation already refused a source of another modality
+    opened = get_modality(run_modality(cfg.method.name, cfg.backbone.name, cfg.data.source)).open(cfg, cfg.data.train_split)
     return opened.dataset, opened.mode, opened.note
 
 

@@ -25,7 +25,7 @@ def fig_reconstruction(metrics, summary, model):
     method, _ = model.method
     if "reconstruction" not in type(method).figures:
         raise _Skip("the method has no reconstruct()")
-    if "audio" in method.modalities:
+    if method.modality == "audio":
         return _spectrograms(method, model)
     images, titles = model.pictures()
     x, masked, recon = _reconstructed(method, {"images": images.to(model.device)})
