@@ -387,7 +387,7 @@ def test_an_audio_method_refuses_other_data_and_encoders(tmp_path):
         load_config(None, tiny_audio(tmp_path, "data.source=embedded"))
     with pytest.raises(ConfigError, match="backbone.name=resnet18 is an image encoder; audio_mae trains on audio"):
         load_config(None, tiny_audio(tmp_path, "backbone.name=resnet18"))
-    with pytest.raises(ConfigError, match="simclr trains on image data; data.source=embedded-audio is audio data"):
+    with pytest.raises(ConfigError, match="simclr trains on image or series data; data.source=embedded-audio is audio data"):
         load_config(None, [f"data.source={EMBEDDED_AUDIO}"])
 
 

@@ -697,3 +697,31 @@ def test_crossvar_resumes_exactly(tmp_path):
     cfg = load_config(None, tiny_series(tmp_path, "method.name=ts_crossvar", "method.decoder_dim=16",
                                         "method.decoder_heads=2", "trainer.max_steps=6"))
     resume_matches_straight(cfg, tmp_path, until_step=3)
+
+
+def test_forecast_fine_tuning_trains_a_copy_head_first_then_everything(tmp_path, capsys):
+    """PatchTST's fine-tuning protocol from the CLI: the head alone, then the encoder with it; the best
+    validation epoch is scored on the test months; the checkpoint's encoder is left as it was."""
+    from selfsup.cli import main
+    from selfsup.evaluate import load_method
+
+    over = tiny_series(tmp_path, "trainer.max_steps=2", "trainer.run_name=f", "data.batch_size=256")
+    assert main(["pretrain", *over]) == 0
+    run = tmp_path / "runs" / "f"
+    before = {k: v.clone() for k, v in load_method(run)[0].state_dict().items()}
+    assert main(["eval", "forecast", "--checkpoint", str(run), "--finetune", "--horizons", "12", "--freeze-epochs", "1",
+                 "--epochs", "1", "--device", "cpu"]) == 0
+    result = json.loads((run / "eval_forecast_finetune.json").read_text())
+    row = result["horizons"]["12"]
+    assert result["protocol"] == "forecast-finetune" and row["phase"] in ("head", "all") and row["epoch"] == 1
+    assert 0 < row["mse"] < 2 and 0 < row["mae"] < 2 and row["windows"]["test"] == ETT_TEST - 12 + 1
+    assert "H=12 fine-tuned" in capsys.readouterr().out
+    after = load_method(run)[0].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    from selfsup.eval.forecast import finetune_forecast
+
+    method, cfg, _ = load_method(run)
+    head_only = finetune_forecast(method, cfg, device=torch.device("cpu"), horizon=12, freeze_epochs=1, epochs=0)
+    both = finetune_forecast(method, cfg, device=torch.device("cpu"), horizon=12, freeze_epochs=1, epochs=1)
+    assert head_only["phase"] == "head" and both["val_mse"] <= head_only["val_mse"]  # the head phase is shared

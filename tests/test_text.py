@@ -305,7 +305,7 @@ def test_text_method_refuses_image_data_and_image_method_text_data(tmp_path, cor
         load_config(None, ["method.name=clm", "data.source=embedded", "backbone.name=text_tiny"])
     with pytest.raises(ConfigError, match="is an text encoder|is a text encoder"):
         load_config(None, ["method.name=simclr", "backbone.name=text_tiny"])
-    with pytest.raises(ConfigError, match="simclr trains on image data"):
+    with pytest.raises(ConfigError, match="simclr trains on image or series data; data.source=.* is text data"):
         load_config(None, ["method.name=simclr", f"data.source={corpus}"])
 
 

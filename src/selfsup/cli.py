@@ -334,6 +334,21 @@ def _forecast(method, cfg, path: Path, out: Path, args: argparse.Namespace, devi
     horizons = tuple(args.horizons or DEFAULT_HORIZONS)
     if min(horizons) < 1:
         raise ConfigError(f"--horizons must be positive, got {list(horizons)}")
+    if args.finetune:
+        from selfsup.eval.forecast import finetune_forecast
+
+        rows = {str(h): finetune_forecast(method, cfg, device=device, source=args.data, horizon=h,
+                                          freeze_epochs=args.freeze_epochs, epochs=args.epochs or 20,
+                                          precision=precision) for h in horizons}
+        result = {"protocol": "forecast-finetune", "checkpoint": str(path), "data": args.data or cfg.data.source,
+                  "seq_len": cfg.data.seq_len, "horizons": rows}
+        out = out.with_name(out.stem + "_finetune.json")
+        write_text_atomic(out, json.dumps(result, indent=2, default=float))
+        _print_table([(f"H={h} fine-tuned", f"MSE {r['mse']:.4f}  MAE {r['mae']:.4f}  (val MSE {r['val_mse']:.4f}, "
+                                            f"{r['phase']} epoch {r['epoch']})") for h, r in rows.items()],
+                     f"forecasting after fine-tuning, {result['data']}, context {cfg.data.seq_len} steps")
+        print(f"saved {out}")
+        return 0
     result = forecast_probe(method, cfg, device=device, source=args.data, horizons=horizons,
                             epochs=args.epochs or cfg.eval.forecast_epochs, precision=precision,
                             plot=out.with_suffix(".png"))
@@ -519,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--solver", choices=["sgd", "adamw", "lbfgs"], default="sgd",
                     help="linear probe: SGD/AdamW on cached features, or L-BFGS logistic regression")
     ev.add_argument("--horizons", type=int, nargs="+", help="forecast: steps ahead (default 96 192 336 720)")
+    ev.add_argument("--finetune", action="store_true", help="forecast: fine-tune the encoder with the head (PatchTST's "
+                    "protocol: --freeze-epochs of the head only, then --epochs (default 20) of everything) instead of "
+                    "the linear probe")
+    ev.add_argument("--freeze-epochs", type=int, default=10, help="forecast --finetune: epochs of the head alone")
     ev.add_argument("--n-way", type=int, default=5, help="few-shot classes per episode")
     ev.add_argument("--episodes", type=int, default=100, help="few-shot episodes")
     ev.set_defaults(func=cmd_eval)

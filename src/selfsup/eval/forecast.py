@@ -13,6 +13,9 @@ the standardized targets, for ``epochs`` epochs at each learning rate of ``lrs``
 with the lowest validation MSE is kept and scored on the test split: MSE and MAE over every
 (window, channel, step), the numbers the forecasting tables print.
 
+``finetune_forecast`` is PatchTST's other protocol, fine-tuning: the same head trained with the encoder
+(the head alone first, then everything), ``selfsup eval forecast --finetune``.
+
 The same protocol on the normalized input window itself (a linear map from the L values to the H
 next ones, with the same de-normalization: NLinear, Zeng et al. 2023) is reported beside it as
 ``input_linear``: what a linear model gets with no encoder at all. Unlike the official script we
@@ -166,6 +169,88 @@ def forecast_probe(method: Any, cfg: Any, *, device: torch.device, source: str |
     if plot is not None:
         result["plot"] = plot_forecast(plot, windows["test"], feats["test"], raw.get("test"), heads, result["data"])
     return result
+
+
+def _split_tensors(windows: Any) -> tuple[Tensor, Tensor]:
+    """(inputs (n, C, L), targets (n, C, H)) of every window of a split."""
+    batch = windows.gather(torch.arange(len(windows)))
+    return batch["series"], batch["target"]
+
+
+def finetune_forecast(method: Any, cfg: Any, *, device: torch.device, source: str | None = None, horizon: int = 96,
+                      freeze_epochs: int = 10, epochs: int = 20, lr: float = 1e-4, head_dropout: float = 0.2,
+                      batch_size: int | None = None, precision: str = "32") -> dict:
+    """Test MSE / MAE at ``horizon`` of the encoder fine-tuned with a linear forecasting head: PatchTST's
+    fine-tuning protocol (Nie et al. 2023, Table 4 "fine-tuning"; official ``patchtst_finetune.py`` with
+    ``Learner.fine_tune``): the head alone for ``freeze_epochs`` (10) with the encoder frozen, one-cycle
+    Adam up to ``lr``; then everything for ``epochs`` (20), one-cycle up to ``lr / 2`` (30% warm-up each,
+    torch's ``OneCycleLR``). The head is the linear probe's (dropout then Linear on the encoder's
+    ``forecast_features``, de-normalized per window). The weights of the epoch with the lowest validation
+    MSE are scored on the test split (the official ``SaveModelCB`` on the validation loss). ``method`` is
+    left as it was (a copy is trained)."""
+    from selfsup.data.series import forecast_windows
+
+    src, seq_len = source or cfg.data.source, cfg.data.seq_len
+    splits = {s: _split_tensors(forecast_windows(src, s, seq_len, horizon)) for s in ("train", "val", "test")}
+    model = copy.deepcopy(method).to(device)
+    torch.manual_seed(cfg.trainer.seed)
+    with torch.no_grad():
+        probe, _, _ = model.eval().forecast_features(splits["train"][0][:2].to(device))
+    outputs = horizon if probe.dim() == 3 else horizon * splits["train"][0].shape[1]
+    head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(probe.shape[-1], outputs)).to(device)
+    bs = batch_size or cfg.data.batch_size
+    autocast = nullcontext()
+    if precision in ("bf16-mixed", "16-mixed"):
+        autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+
+    def predict(x: Tensor) -> Tensor:
+        with autocast:
+            feats, mean, std = model.forecast_features(x)
+        return _predict(head, feats.float(), mean.float(), std.float())
+
+    def score(split: str) -> tuple[float, float]:
+        x, y = splits[split]
+        model.eval()
+        head.eval()
+        se = ae = 0.0
+        with torch.no_grad():
+            for i in range(0, len(x), cfg.data.eval_batch_size):
+                err = predict(x[i:i + cfg.data.eval_batch_size].to(device)) - y[i:i + cfg.data.eval_batch_size].to(device)
+                se += float(err.pow(2).sum())
+                ae += float(err.abs().sum())
+        return se / y.numel(), ae / y.numel()
+
+    x_train, y_train = splits["train"]
+    n = len(x_train)
+    gen = torch.Generator().manual_seed(cfg.trainer.seed)
+    best: dict = {"val_mse": math.inf}
+    for phase, n_epochs, peak in (("head", freeze_epochs, lr), ("all", epochs, lr / 2)):
+        if n_epochs < 1:
+            continue
+        model.requires_grad_(phase == "all")
+        params = list(head.parameters()) + ([p for p in model.parameters() if p.requires_grad] if phase == "all" else [])
+        opt = torch.optim.Adam(params, lr=peak)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak, total_steps=n_epochs * math.ceil(n / bs),
+                                                    pct_start=0.3)
+        for epoch in tqdm(range(n_epochs), desc=f"fine-tune ({phase})", leave=False, disable=not sys.stderr.isatty()):
+            model.train(phase == "all")
+            head.train()
+            order = torch.randperm(n, generator=gen)
+            for i in range(0, n, bs):
+                idx = order[i:i + bs]
+                loss = F.mse_loss(predict(x_train[idx].to(device)), y_train[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            val_mse, val_mae = score("val")
+            if val_mse < best["val_mse"]:
+                test_mse, test_mae = score("test")
+                best = {"mse": test_mse, "mae": test_mae, "val_mse": val_mse, "val_mae": val_mae, "phase": phase,
+                        "epoch": epoch + 1}
+    model.requires_grad_(True)
+    return {**best, "lr": lr, "freeze_epochs": freeze_epochs, "epochs": epochs,
+            "windows": {s: len(t[0]) for s, t in splits.items()}}
 
 
 def plot_forecast(path: Path, windows: Any, feats: tuple[Tensor, ...], raw: tuple[Tensor, ...] | None,
