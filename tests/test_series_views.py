@@ -74,6 +74,8 @@ def test_every_two_view_method_trains_on_series(tmp_path, name):
         assert method.encode(x).shape == (8, 16) and torch.equal(method.embed({"series": x}), method.encode(x))
     with pytest.raises(ConfigError, match="takes series batches"):
         method({"images": torch.zeros(2, 3, 8, 8, dtype=torch.uint8)})
+    with pytest.raises(ConfigError, match=r"series batches are float \(B, C, T\), got \(8, 32\)"):
+        method({"series": x[:, 0]})
 
 
 def test_a_two_view_run_on_series_resumes_exactly(tmp_path):

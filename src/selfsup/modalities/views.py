@@ -73,11 +73,13 @@ class ViewMethod(ImageMethod):
         return super().view_inputs(batch)
 
     def _series(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        if isinstance(batch, torch.Tensor):
-            return batch
-        if SERIES_KEY not in batch:
-            check_batch(self.name, ("series",), batch)
-        return batch[SERIES_KEY]
+        if not isinstance(batch, torch.Tensor):
+            if SERIES_KEY not in batch:
+                check_batch(self.name, ("series",), batch)
+            batch = batch[SERIES_KEY]
+        if batch.dim() != 3 or not batch.is_floating_point():
+            raise ConfigError(f"{self.name}: series batches are float (B, C, T), got {tuple(batch.shape)} {batch.dtype}")
+        return batch
 
     def make_views(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         if not self.series:
