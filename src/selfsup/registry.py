@@ -195,6 +195,19 @@ def check_batch(method: str, accepted: tuple[str, ...], batch: Mapping[str, Any]
     raise ConfigError(f"{method} takes {describe(accepted)} batches (key {want}); it was given {what} (keys: {keys})")
 
 
+def float_batch(method: str, accepted: tuple[str, ...], key: str, batch: Any, dims: tuple[int, ...], what: str) -> Any:
+    """The float tensor ``batch[key]`` (a bare tensor is taken as it), after one-line ConfigErrors for a
+    batch of another modality (``check_batch``) or a tensor that is not float with one of ``dims``
+    dimensions (``what`` names the layout: "series batches are float (B, C, T)")."""
+    if not hasattr(batch, "dim"):
+        if key not in batch:
+            check_batch(method, accepted, batch)
+        batch = batch[key]
+    if batch.dim() not in dims or not batch.is_floating_point():
+        raise ConfigError(f"{method}: {what}, got {tuple(batch.shape)} {batch.dtype}")
+    return batch
+
+
 def check_source(method: str, accepted: tuple[str, ...], source: str) -> None:
     """One-line ConfigError when ``data.source`` is claimed only by modalities ``method`` does not accept."""
     found = modality_of_source(source, accepted)

@@ -47,7 +47,7 @@ from selfsup.core.method import MethodConfig, Progress, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import data2vec_loss, data2vec_targets
 from selfsup.modalities.audio import AudioMethod
-from selfsup.nn.teacher import annealed_decay, check_annealed_decay, ema_update, make_teacher
+from selfsup.nn.teacher import AnnealedBlockEMA, check_annealed_decay, make_teacher
 from selfsup.pretext.masking import wav2vec_span_masking
 from selfsup.registry import register_method
 
@@ -78,7 +78,7 @@ class Data2VecAudioConfig(MethodConfig):
 
 
 @register_method
-class Data2VecAudio(AudioMethod):
+class Data2VecAudio(AnnealedBlockEMA, AudioMethod):
     name = "data2vec_audio"
     paper = "Baevski et al. 2022, data2vec (speech)"
     family = "masked"
@@ -135,17 +135,9 @@ class Data2VecAudio(AudioMethod):
             metrics["data2vec/masked"] = mask.float().mean()
         return StepOutput(loss, metrics, embeddings=h.mean(dim=1).detach())
 
-    def momentum(self, progress: Progress) -> float:
-        """The decay for the update after optimizer step ``progress.step`` (official ``set_num_updates``)."""
-        return annealed_decay(progress.step, self.cfg.ema_decay, self.cfg.ema_end_decay, self.cfg.ema_anneal_end_step)
-
     @torch.no_grad()
     def on_step_end(self, progress: Progress) -> None:
-        super().on_step_end(progress)
-        tau = self.momentum(progress)
-        self.ema_decay_now.fill_(tau)
-        if tau < 1.0:
-            ema_update(self.teacher.model.blocks, self.backbone.model.blocks, tau)
+        super().on_step_end(progress)  # the blocks' EMA (AnnealedBlockEMA)
         # ema_transformer_only: the teacher reads the student's input layers (patch embedding, CLS, positions)
         t, s = self.teacher.model, self.backbone.model
         for name in ("patch_embed", "norm_pre", "norm"):

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from selfsup.core.method import MethodConfig, Progress, StepOutput
+from selfsup.core.method import MethodConfig, StepOutput
 from selfsup.errors import ConfigError
 from selfsup.losses import data2vec_loss, data2vec_targets
 from selfsup.modalities.text import TextMethod
-from selfsup.nn.teacher import annealed_decay, check_annealed_decay, ema_update, make_teacher
+from selfsup.nn.teacher import AnnealedBlockEMA, check_annealed_decay, make_teacher
 from selfsup.pretext.text_masking import IGNORE_INDEX, mlm_mask
 from selfsup.registry import register_method
 
@@ -64,7 +64,7 @@ class Data2VecTextConfig(MethodConfig):
 
 
 @register_method
-class Data2VecText(TextMethod):
+class Data2VecText(AnnealedBlockEMA, TextMethod):
     name = "data2vec_text"
     paper = "Baevski et al. 2022, data2vec (text)"
     family = "masked"
@@ -107,15 +107,3 @@ class Data2VecText(TextMethod):
             metrics["data2vec/target_var"] = y.float().var(0).mean() if len(y) > 1 else y.new_zeros(())
             metrics["data2vec/pred_var"] = pred.detach().float().var(0).mean() if len(pred) > 1 else y.new_zeros(())
         return StepOutput(loss, metrics, embeddings=self.backbone.pool_tokens(h, None).detach())
-
-    def momentum(self, progress: Progress) -> float:
-        """The decay for the update after optimizer step ``progress.step`` (official ``set_num_updates``)."""
-        return annealed_decay(progress.step, self.cfg.ema_decay, self.cfg.ema_end_decay, self.cfg.ema_anneal_end_step)
-
-    @torch.no_grad()
-    def on_step_end(self, progress: Progress) -> None:
-        super().on_step_end(progress)
-        tau = self.momentum(progress)
-        self.ema_decay_now.fill_(tau)
-        if tau < 1.0:
-            ema_update(self.teacher.model.blocks, self.backbone.model.blocks, tau)

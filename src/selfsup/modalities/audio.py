@@ -23,7 +23,7 @@ from torch import nn
 
 from selfsup.core.method import Method
 from selfsup.errors import ConfigError
-from selfsup.registry import Modality, check_batch, register_modality
+from selfsup.registry import Modality, float_batch, register_modality
 
 BATCH_KEY = "audio"
 STATS_CLIPS = 4096  # training clips the spectrogram mean and std are measured on
@@ -46,12 +46,8 @@ class AudioMethod(Method):
     def check(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(batch, torch.Tensor):
             batch = {BATCH_KEY: batch}
-        if BATCH_KEY not in batch:
-            check_batch(self.name, self.modalities, batch)
-        x = batch[BATCH_KEY]
-        if x.dim() not in (2, 3) or not x.is_floating_point():
-            raise ConfigError(f"{self.name}: audio batches are float waveforms (B, C, samples), got "
-                              f"{tuple(x.shape)} {x.dtype}")
+        float_batch(self.name, self.modalities, BATCH_KEY, batch, (2, 3),
+                    "audio batches are float waveforms (B, C, samples)")
         return batch
 
     def preprocess(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:

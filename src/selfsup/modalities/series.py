@@ -21,9 +21,10 @@ from torch import nn
 
 from selfsup.core.method import Method
 from selfsup.errors import ConfigError
-from selfsup.registry import Modality, check_batch, register_modality
+from selfsup.registry import Modality, float_batch, register_modality
 
 BATCH_KEY = "series"
+SERIES_DIMS, SERIES_LAYOUT = (3,), "series batches are float (B, C, T)"
 
 
 class SeriesMethod(Method):
@@ -51,11 +52,7 @@ class SeriesMethod(Method):
     def check(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(batch, torch.Tensor):
             batch = {BATCH_KEY: batch}
-        if BATCH_KEY not in batch:
-            check_batch(self.name, self.modalities, batch)
-        x = batch[BATCH_KEY]
-        if x.dim() != 3 or not x.is_floating_point():
-            raise ConfigError(f"{self.name}: series batches are float (B, C, T), got {tuple(x.shape)} {x.dtype}")
+        float_batch(self.name, self.modalities, BATCH_KEY, batch, SERIES_DIMS, SERIES_LAYOUT)
         return batch
 
     def preprocess(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -21,8 +21,9 @@ from selfsup.core.method import Method
 from selfsup.errors import ConfigError
 from selfsup.modalities.image import ImageMethod
 from selfsup.modalities.series import BATCH_KEY as SERIES_KEY
+from selfsup.modalities.series import SERIES_DIMS, SERIES_LAYOUT
 from selfsup.pretext.series_augment import SeriesAugment
-from selfsup.registry import check_batch
+from selfsup.registry import check_batch, float_batch
 
 
 def _series_encoder(backbone: nn.Module) -> bool:
@@ -73,13 +74,7 @@ class ViewMethod(ImageMethod):
         return super().view_inputs(batch)
 
     def _series(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        if not isinstance(batch, torch.Tensor):
-            if SERIES_KEY not in batch:
-                check_batch(self.name, ("series",), batch)
-            batch = batch[SERIES_KEY]
-        if batch.dim() != 3 or not batch.is_floating_point():
-            raise ConfigError(f"{self.name}: series batches are float (B, C, T), got {tuple(batch.shape)} {batch.dtype}")
-        return batch
+        return float_batch(self.name, ("series",), SERIES_KEY, batch, SERIES_DIMS, SERIES_LAYOUT)
 
     def make_views(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
         if not self.series:

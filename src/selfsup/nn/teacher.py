@@ -130,6 +130,27 @@ def check_annealed_decay(cfg) -> None:
         raise ConfigError(f"method.ema_anneal_end_step={cfg.ema_anneal_end_step}: must be >= 0")
 
 
+class AnnealedBlockEMA:
+    """What the data2vec methods on text and audio share about their teacher, as a mixin before the
+    method's modality base class: after every kept step the teacher's transformer blocks
+    (``self.teacher.model.blocks``) follow the student's by EMA at data2vec's annealed decay
+    (``annealed_decay`` from ``cfg.ema_decay`` to ``cfg.ema_end_decay`` at ``cfg.ema_anneal_end_step``;
+    none once it reaches 1), and ``self.ema_decay_now`` (a buffer the method registers) holds the decay
+    for the logs."""
+
+    def momentum(self, progress: Progress) -> float:
+        """The decay for the update after optimizer step ``progress.step`` (official ``set_num_updates``)."""
+        return annealed_decay(progress.step, self.cfg.ema_decay, self.cfg.ema_end_decay, self.cfg.ema_anneal_end_step)
+
+    @torch.no_grad()
+    def on_step_end(self, progress: Progress) -> None:
+        super().on_step_end(progress)
+        tau = self.momentum(progress)
+        self.ema_decay_now.fill_(tau)
+        if tau < 1.0:
+            ema_update(self.teacher.model.blocks, self.backbone.model.blocks, tau)
+
+
 def annealed_decay(step: int, start: float, end: float, anneal_end_step: int) -> float:
     """Official ``get_annealed_rate``: linear from ``start`` (step 0) to ``end`` at
     ``anneal_end_step``, then ``end``."""
