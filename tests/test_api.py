@@ -60,6 +60,21 @@ def test_every_method_unpacks_loss_and_metrics_and_encodes(name):
             assert feats.shape == (4, model.encoder.out_dim)
             assert torch.equal(model.encoder(x), feats) and torch.equal(model.embed({"audio": x}), feats)
         return
+    if model.modality == "video":  # uint8 clips (B, T, 3, H, W) in, the mean of the tubelet tokens out
+        enc = model.encoder
+        x = torch.randint(0, 256, (4, enc.num_frames, 3, enc.img_size, enc.img_size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(3))
+        motion = torch.randint(-2, 3, (4, enc.num_frames - 1, 2), generator=torch.Generator().manual_seed(3)).float()
+        loss, metrics = model({"video": x, "motion": motion})  # the action-conditioned model reads the motion
+        assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad and isinstance(metrics, dict)
+        model.eval()
+        with torch.no_grad():
+            clips = model.preprocess({"video": x})
+            assert clips.shape == (4, 3, enc.num_frames, enc.img_size, enc.img_size)
+            feats = model.encode(clips)
+            assert feats.shape == (4, enc.out_dim)
+            assert torch.equal(enc(clips), feats) and torch.equal(model.embed({"video": x}), feats)
+        return
     if name == "beit":  # BEiT's visual tokenizer is fitted on data before training
         model.fit_tokenizer(_images(64))
     loss, metrics = model({"images": _images()})

@@ -21,13 +21,16 @@ NO_LOCAL = sorted(set(registry.METHODS) - set(MULTI_CROP))
 # what a method of each modality needs to load besides its name (the default encoder and data are images)
 _MODALITY_ARGS = {"image": [], "text": ["backbone.name=text_tiny", "data.source=embedded-text"],
                   "series": ["data.source=embedded-series"],
-                  "audio": ["data.source=embedded-audio", "backbone.name=audio_vit_tiny"]}
+                  "audio": ["data.source=embedded-audio", "backbone.name=audio_vit_tiny"],
+                  "video": ["data.source=embedded-video", "backbone.name=video_vit_tiny"]}
 _SERIES_ENCODER = {"ts2vec": "ts2vec"}  # the other series methods train PatchTST
 
 
 def _own(name: str) -> list[str]:
     modality = registry.METHODS[name].modalities[0]
     encoder = [f"backbone.name={_SERIES_ENCODER.get(name, 'patchtst')}"] if modality == "series" else []
+    if name in ("vjepa2", "vjepa2_ac"):  # V-JEPA 2 encodes positions with RoPE
+        encoder.append("backbone.pos_embed=rope")
     return [f"method.name={name}", *_MODALITY_ARGS[modality], *encoder]
 
 

@@ -44,10 +44,11 @@ def test_the_base_method_knows_no_modality_and_every_method_declares_its_own():
     from selfsup.modalities.audio import AudioMethod
     from selfsup.modalities.series import SeriesMethod
     from selfsup.modalities.text import TextMethod
+    from selfsup.modalities.video import VideoMethod
 
     from selfsup.modalities.views import ViewMethod
 
-    base = {"image": ImageMethod, "text": TextMethod, "series": SeriesMethod, "audio": AudioMethod}
+    base = {"image": ImageMethod, "text": TextMethod, "series": SeriesMethod, "audio": AudioMethod, "video": VideoMethod}
     for name, cls in METHODS.items():
         if issubclass(cls, ViewMethod):  # the two-view methods: images or series, by their encoder
             assert cls.modalities == ("image", "series"), name

@@ -46,6 +46,12 @@ AUDIO_TINY = ["data.source=embedded-audio", "data.clip_seconds=0.5", "data.batch
               "backbone.num_heads=2", "backbone.pool=mean", "optim.name=adamw", "optim.lr=1e-3", "optim.lr_scaling=none",
               "eval.final_knn=false"]
 
+# a tiny video ViT on the embedded moving-CIFAR clips (4 frames of 32 x 32 in 2 x 8 x 8 tubelets: a 2 x 4 x 4 grid)
+VIDEO_TINY = ["data.source=embedded-video", "data.frames=4", "data.frame_size=32", "data.batch_size=4",
+              "backbone.name=video_vit_tiny", "backbone.patch_size=8", "backbone.embed_dim=32", "backbone.depth=2",
+              "backbone.num_heads=2", "optim.name=adamw", "optim.lr=1e-3", "optim.lr_scaling=none",
+              "eval.final_knn=false"]
+
 # (recipe, overrides) per method, with every piece of state switched on: SwAV's queue from the first
 # step, DINOv2's centres (its default Sinkhorn centering keeps none)
 RECIPES = {
@@ -77,6 +83,13 @@ RECIPES = {
     "audio_mae": (None, ["method.name=audio_mae", "method.decoder_dim=32", "method.decoder_depth=2",
                          "method.decoder_heads=2", *AUDIO_TINY]),
     "data2vec_audio": (None, ["method.name=data2vec_audio", "method.top_k=2", *AUDIO_TINY]),
+    "videomae": (None, ["method.name=videomae", "method.decoder_dim=16", "method.decoder_depth=1",
+                        "method.decoder_heads=2", *VIDEO_TINY]),
+    "vjepa": (None, ["method.name=vjepa", "method.pred_dim=16", "method.pred_depth=1", *VIDEO_TINY]),
+    "vjepa2": (None, ["method.name=vjepa2", "method.pred_dim=16", "method.pred_depth=1", "method.pred_heads=2",
+                      "method.ema=[0.99,0.99]", *VIDEO_TINY, "backbone.pos_embed=rope", "backbone.embed_dim=36"]),
+    "vjepa2_ac": (None, ["method.name=vjepa2_ac", "method.action_dim=2", "method.state_dim=2", "method.pred_dim=24",
+                         "method.pred_depth=1", "method.pred_heads=2", *VIDEO_TINY, "backbone.pos_embed=rope"]),
 }
 
 
@@ -99,7 +112,8 @@ def _poison(method: torch.nn.Module, on: dict) -> None:
     ``Augment`` modules) and so does every input of the backbone's ``forward`` (jigsaw cuts its
     tiles itself); text methods: every token embedding (token ids cannot be NaN); series methods:
     every patch or timestamp embedding (PatchTST's BatchNorm statistics after it must not move, nor
-    TS2Vec's weight average); audio methods: every spectrogram patch embedding."""
+    TS2Vec's weight average); audio methods: every spectrogram patch embedding; video methods: every
+    tubelet embedding."""
     def nan(x):
         return torch.full_like(x, float("nan")) if on["nan"] else x
 
@@ -107,6 +121,9 @@ def _poison(method: torch.nn.Module, on: dict) -> None:
         method.backbone.model.tok_embed.register_forward_hook(lambda module, args, out: nan(out))
         return
     if method.modality == "audio":  # every spectrogram patch embedding (the EMA teacher's own is not hooked)
+        method.backbone.model.patch_embed.proj.register_forward_hook(lambda module, args, out: nan(out))
+        return
+    if method.modality == "video":  # every tubelet embedding (the EMA teacher's own is not hooked)
         method.backbone.model.patch_embed.proj.register_forward_hook(lambda module, args, out: nan(out))
         return
     if method.modality == "series":

@@ -227,11 +227,15 @@ def _check_output_file(path: Path, what: str) -> None:
 def _check_eval_args(args: argparse.Namespace) -> None:
     """Settings out of range fail here, in one line, before a checkpoint is loaded or a feature computed."""
     counts = []
-    if args.protocol in ("finetune", "forecast") or (args.protocol == "linear" and args.solver != "lbfgs"):
+    if args.protocol in ("finetune", "forecast", "attentive") or (args.protocol == "linear" and args.solver != "lbfgs"):
         if args.epochs is not None:
             counts.append(("--epochs", args.epochs, 1))
     if args.protocol == "fewshot":
         counts += [("--n-way", args.n_way, 2), ("--episodes", args.episodes, 1)]
+    if args.protocol == "plan":
+        counts += [("--samples", args.samples, 10), ("--iterations", args.iterations, 1)]
+        if args.limit is not None:
+            counts.append(("--limit", args.limit, 1))
     for name, value, least in counts:
         if value < least:
             raise ConfigError(f"{name} must be at least {least}, got {value}")
@@ -264,6 +268,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         return _perplexity(method, cfg, path, out, args, device, precision)
     if args.protocol == "forecast":
         return _forecast(method, cfg, path, out, args, device, precision)
+    if args.protocol == "attentive":
+        return _attentive(method, cfg, path, out, args, device, precision)
+    if args.protocol == "plan":
+        return _plan(method, cfg, path, out, args, device)
     if method.use_channels_last(True):  # what training used; faster convs
         method = method.to(memory_format=torch.channels_last)
     feats = labeled_features(method, cfg, device=device, source=args.data, train_split=args.train_split,
@@ -298,6 +306,62 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
               **({"test_is_train": True, "leave_one_out": args.protocol == "knn"} if same else {}), **result}
     write_text_atomic(out, json.dumps(result, indent=2, default=float))
     print(format_table({k: v for k, v in result.items() if k not in ("curve", "train_loss")}))
+    print(f"saved {out}")
+    return 0
+
+
+def _attentive(method, cfg, path: Path, out: Path, args: argparse.Namespace, device, precision: str) -> int:
+    """V-JEPA's attentive probe: cross-attention pooling of the frozen tokens, then a linear classifier."""
+    from selfsup.checkpoint import write_text_atomic
+    from selfsup.errors import DataError
+    from selfsup.eval import format_table
+    from selfsup.eval.attentive import attentive_probe
+    from selfsup.evaluate import embed_dataset, load_feature_split
+
+    from selfsup.core.method import Method
+
+    if type(method).embed_tokens is Method.embed_tokens:  # refused before any data is read
+        method.embed_tokens({})
+    tokens = []
+    for role, split in (("train", args.train_split or cfg.data.train_split), ("test", args.test_split or cfg.data.test_split)):
+        dataset = load_feature_split(cfg, split, args.data)
+        if not dataset.has_labels:
+            raise DataError(f"{args.data or cfg.data.source!r} split {split!r} has no labels; the attentive probe "
+                            "needs a labeled set")
+        tokens.extend(embed_dataset(method, dataset, device=device, batch_size=cfg.data.eval_batch_size,
+                                    precision=precision, desc=f"{role} tokens", workers=cfg.data.workers, tokens=True))
+    result = attentive_probe(*tokens, epochs=args.epochs or 20, seed=cfg.trainer.seed, device=device)
+    result = {"protocol": "attentive", "checkpoint": str(path), "data": args.data or cfg.data.source,
+              "train_samples": int(tokens[0].shape[0]), "test_samples": int(tokens[2].shape[0]),
+              "tokens_per_sample": int(tokens[0].shape[1]), **result}
+    write_text_atomic(out, json.dumps(result, indent=2, default=float))
+    print(format_table(result))
+    print(f"saved {out}")
+    return 0
+
+
+def _plan(method, cfg, path: Path, out: Path, args: argparse.Namespace, device) -> int:
+    """V-JEPA 2-AC's planner on the test clips: the cross-entropy method toward each clip's later frame, scored by
+    whether the planned motion has the clip's direction (eval/planning.py)."""
+    from selfsup.checkpoint import write_text_atomic
+    from selfsup.eval import format_table
+    from selfsup.eval.planning import plan_directions
+    from selfsup.evaluate import load_feature_split
+
+    if not hasattr(method, "rollout"):
+        raise ConfigError(f"plan needs an action-conditioned world model (vjepa2_ac); {cfg.method.name} is not one")
+    dataset = load_feature_split(cfg, args.test_split or cfg.data.test_split, args.data)
+    if not hasattr(dataset, "motion"):
+        raise ConfigError("plan scores planned motion against the clips' known motion: the embedded clips "
+                          "(data.source=embedded-video) carry it")
+    horizon = args.horizon or 2
+    if not 1 <= horizon < method.encoder.num_frames:
+        raise ConfigError(f"--horizon {horizon}: must be between 1 and {method.encoder.num_frames - 1} (frames - 1)")
+    result = plan_directions(method, dataset, horizon=horizon, samples=args.samples, iterations=args.iterations,
+                             limit=args.limit, seed=cfg.trainer.seed, device=device)
+    result = {"protocol": "plan", "checkpoint": str(path), "data": args.data or cfg.data.source, **result}
+    write_text_atomic(out, json.dumps(result, indent=2, default=float))
+    print(format_table(result))
     print(f"saved {out}")
     return 0
 
@@ -521,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint's encoder")
-    ev.add_argument("protocol", choices=["knn", "linear", "svm", "fewshot", "diagnose", "finetune", "perplexity", "forecast"])
+    ev.add_argument("protocol", choices=["knn", "linear", "svm", "attentive", "fewshot", "diagnose", "finetune",
+                                        "perplexity", "forecast", "plan"])
     ev.add_argument("--checkpoint", required=True, help="a .ckpt file or a run directory")
     ev.add_argument("--data", help="labeled data to evaluate on (default: the pretraining data)")
     ev.add_argument("--train-split", help="split used as kNN bank / probe training set")
@@ -538,6 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "protocol: --freeze-epochs of the head only, then --epochs (default 20) of everything) instead of "
                     "the linear probe")
     ev.add_argument("--freeze-epochs", type=int, default=10, help="forecast --finetune: epochs of the head alone")
+    ev.add_argument("--horizon", type=int, help="plan: steps from the first frame to the goal frame (default 2)")
+    ev.add_argument("--samples", type=int, default=100, help="plan: action sequences sampled per round")
+    ev.add_argument("--iterations", type=int, default=5, help="plan: cross-entropy-method rounds")
+    ev.add_argument("--limit", type=int, help="plan: score only the first N test clips")
     ev.add_argument("--n-way", type=int, default=5, help="few-shot classes per episode")
     ev.add_argument("--episodes", type=int, default=100, help="few-shot episodes")
     ev.set_defaults(func=cmd_eval)

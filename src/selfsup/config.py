@@ -63,6 +63,13 @@ class DataConfig:
     # have) and cut or zero-padded to clip_seconds (null: the shortest 0.25 s multiple holding 95% of them)
     sample_rate: int | None = None
     clip_seconds: float | None = None
+    # video (selfsup.data.video): clips of `frames` frames taken every `frame_stride` frames (a random start in
+    # training, the centred clip in evaluation), each frame resized on its shorter side and centre-cropped to
+    # frame_size (null: backbone.img_size, else 224); decoded with PyAV (video_decoder: pyav | torchcodec)
+    frames: int = 16
+    frame_stride: int = 4
+    frame_size: int | None = None
+    video_decoder: str = "pyav"
 
     def validate(self) -> None:
         _check(self.mode in ("auto", "memory", "stream", "shards"), "data.mode", self.mode,
@@ -83,6 +90,12 @@ class DataConfig:
         _check(self.seq_len >= 2, "data.seq_len", self.seq_len, "must be >= 2")
         if self.sample_rate is not None:
             _check(self.sample_rate >= 1000, "data.sample_rate", self.sample_rate, "must be >= 1000 Hz (or null)")
+        _check(self.frames >= 1, "data.frames", self.frames, "must be >= 1")
+        _check(self.frame_stride >= 1, "data.frame_stride", self.frame_stride, "must be >= 1")
+        if self.frame_size is not None:
+            _check(self.frame_size >= 8, "data.frame_size", self.frame_size, "must be >= 8 (or null)")
+        _check(self.video_decoder in ("pyav", "torchcodec"), "data.video_decoder", self.video_decoder,
+               "must be pyav or torchcodec")
         if self.clip_seconds is not None:
             _check(self.clip_seconds > 0, "data.clip_seconds", self.clip_seconds, "must be > 0 (or null)")
 
@@ -119,6 +132,11 @@ class BackboneConfig:
     n_mels: int = 128
     sample_rate: int | None = None
     spec_norm: list[float] | None = None
+    # video encoders (video_vit_*, backbones/video.py): clips of num_frames frames (fixed from data.frames) cut
+    # into tubelet_size x patch_size x patch_size tubelets; joint space-time or divided (TimeSformer) attention
+    num_frames: int | None = None
+    tubelet_size: int = 2
+    attention: str = "joint"
     depth: int | None = None  # override the size's number of blocks
     embed_dim: int | None = None  # override the size's width
     num_heads: int | None = None  # override the size's attention heads
@@ -129,8 +147,12 @@ class BackboneConfig:
     def validate(self) -> None:
         _check(0.0 <= self.drop_path < 1.0, "backbone.drop_path", self.drop_path, "must be in [0, 1)")
         _check(self.width >= 4, "backbone.width", self.width, "must be >= 4")
-        _check(self.pos_embed in ("sincos", "learned", "rotary"), "backbone.pos_embed", self.pos_embed,
-               "must be sincos, learned or rotary (text encoders)")
+        _check(self.pos_embed in ("sincos", "learned", "rotary", "rope"), "backbone.pos_embed", self.pos_embed,
+               "must be sincos, learned, rotary (text encoders) or rope (video encoders)")
+        _check(self.pos_embed != "rope" or self.name.startswith("video_vit"), "backbone.pos_embed", self.pos_embed,
+               f"is V-JEPA 2's 3-D rotary embedding of the video encoders (video_vit_*), not of {self.name}")
+        _check(self.attention in ("joint", "divided"), "backbone.attention", self.attention, "must be joint or divided")
+        _check(self.tubelet_size >= 1, "backbone.tubelet_size", self.tubelet_size, "must be >= 1")
         _check(self.norm in (None, "pre", "post"), "backbone.norm", self.norm, "must be pre or post (or null)")
         _check(0.0 <= self.dropout < 1.0, "backbone.dropout", self.dropout, "must be in [0, 1)")
         _check(self.pool in ("cls", "mean"), "backbone.pool", self.pool, "must be cls or mean")
@@ -141,7 +163,7 @@ class BackboneConfig:
         if self.spec_norm is not None:
             _check(len(self.spec_norm) == 2 and self.spec_norm[1] > 0, "backbone.spec_norm", self.spec_norm,
                    "must be [mean, std] with std > 0 (or null: measured on the training data)")
-        for key in ("img_size", "patch_size", "sample_rate", "patch_stride", "in_chans", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
+        for key in ("img_size", "num_frames", "patch_size", "sample_rate", "patch_stride", "in_chans", "depth", "embed_dim", "num_heads", "vocab_size", "max_len"):
             value = getattr(self, key)
             if value is not None:
                 _check(value >= 1, f"backbone.{key}", value, "must be >= 1 (or null for the default)")
@@ -185,7 +207,8 @@ class OptimConfig:
     """Optimizer and schedules. ``lr`` is the base rate at ``ref_batch``; the rate used is
     scaled by ``lr_scaling`` (``linear``: lr * batch / ref_batch, as in SimCLR/BYOL/MAE;
     ``sqrt``: lr * sqrt(batch / ref_batch); ``none``). LR: linear warmup from ``warmup_start_lr``
-    (not scaled; I-JEPA's official schedule starts at 2e-4) then cosine to ``min_lr`` per step.
+    (not scaled; I-JEPA's official schedule starts at 2e-4) then cosine to ``min_lr`` per step (``schedule: cosine``),
+    or constant with a linear decay to ``min_lr`` over the last ``cooldown_epochs`` (``schedule: wsd``, V-JEPA 2).
     Weight decay: cosine from ``weight_decay`` to ``weight_decay_end``."""
 
     name: str = "lars"  # lars | sgd | adamw
@@ -196,6 +219,8 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     warmup_steps: int | None = None  # warm-up in optimizer steps instead (language-model recipes count steps)
     warmup_start_lr: float = 0.0
+    schedule: str = "cosine"  # cosine | wsd (warmup, constant, linear cooldown over the last cooldown_epochs)
+    cooldown_epochs: float = 0.0
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-6
@@ -220,6 +245,8 @@ class OptimConfig:
         if self.warmup_steps is not None:
             _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0 (or null: warmup_epochs)")
         _check(self.warmup_start_lr >= 0, "optim.warmup_start_lr", self.warmup_start_lr, "must be >= 0")
+        _check(self.schedule in ("cosine", "wsd"), "optim.schedule", self.schedule, "must be cosine or wsd")
+        _check(self.cooldown_epochs >= 0, "optim.cooldown_epochs", self.cooldown_epochs, "must be >= 0")
         _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
         if self.weight_decay_end is not None:
             _check(self.weight_decay_end >= 0, "optim.weight_decay_end", self.weight_decay_end, "must be >= 0")

@@ -63,9 +63,10 @@ def load_feature_split(cfg: Config, split: str, source: str | None = None):
 
 def embed_dataset(method: Method, dataset, *, device: torch.device, batch_size: int = 512,
                   precision: str = "32", desc: str = "features",
-                  workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every sample of ``dataset`` (in order) from ``method.embed``; a streamed
-    source is decoded by ``workers`` loader workers (see ``selfsup.data.loader.make_loader``)."""
+                  workers: int | None = None, tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every sample of ``dataset`` (in order) from ``method.embed`` (with ``tokens``: the token
+    features of ``method.embed_tokens``, (N, T, D)); a streamed source is decoded by ``workers`` loader
+    workers (see ``selfsup.data.loader.make_loader``)."""
     from selfsup.data.loader import make_loader
 
     loader = make_loader(dataset, batch_size, workers=workers, shuffle=False, drop_last=False)
@@ -77,7 +78,17 @@ def embed_dataset(method: Method, dataset, *, device: torch.device, batch_size: 
     method.eval()
     try:
         with autocast:
-            return extract_features(method.embed, loader, device=device, desc=desc, total=len(loader))
+            if not tokens:
+                return extract_features(method.embed, loader, device=device, desc=desc, total=len(loader))
+            shape: list[tuple[int, ...]] = []
+
+            def embed_tokens(batch: dict) -> torch.Tensor:
+                out = method.embed_tokens(batch)
+                shape.append(tuple(out.shape[1:]))
+                return out
+
+            feats, labels = extract_features(embed_tokens, loader, device=device, desc=desc, total=len(loader))
+            return feats.view(feats.shape[0], *shape[0]), labels
     finally:
         method.train(was_training)
 

@@ -115,5 +115,6 @@ from selfsup.backbones.vit import ViT, sincos_2d_pos_embed  # noqa: E402
 from selfsup.backbones.text import TextEncoder  # noqa: E402  (text_tiny ... text_base)
 from selfsup.backbones.series import PatchTST  # noqa: E402  (patchtst)
 from selfsup.backbones.audio import AudioViT  # noqa: E402  (audio_vit_tiny ... audio_vit_base)
+from selfsup.backbones.video import VideoViT  # noqa: E402  (video_vit_tiny ... video_vit_large)
 
-__all__ = ["AudioViT", "Backbone", "PatchTST", "TextEncoder", "ViT", "build_backbone", "sincos_2d_pos_embed"]
+__all__ = ["AudioViT", "Backbone", "PatchTST", "TextEncoder", "VideoViT", "ViT", "build_backbone", "sincos_2d_pos_embed"]

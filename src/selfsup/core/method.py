@@ -167,6 +167,14 @@ class Method(nn.Module):
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encode(self.preprocess(batch)).float()
 
+    def embed_tokens(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T, D) token features of a raw evaluation batch, for the attentive probe (``selfsup eval
+        attentive``); modalities whose encoders keep tokens define it."""
+        from selfsup.errors import ConfigError
+
+        raise ConfigError(f"{self.name} does not hand out token features; the attentive probe reads the tokens of "
+                          "video encoders")
+
     def prototype_scores(self, feats: torch.Tensor) -> torch.Tensor:
         """(N, K) scores of (N, D) backbone features (as ``embed`` returns them) against the method's K
         prototypes, for the report's prototype-usage figure. Methods declaring the "prototypes"

@@ -33,7 +33,6 @@ memory budget is refused with what it would need.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import math
@@ -47,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfsup.data.layout import SPLIT_DIRS, Layout, folder_layout, manifest_layout
 from selfsup.errors import ConfigError, DataError
 
 EMBEDDED_AUDIO = "embedded-audio"
@@ -54,7 +54,7 @@ EMBEDDED_AUDIO_FILE = Path(__file__).resolve().parent / "embedded" / "fsdd-recor
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 MANIFESTS = ("labels.csv", "metadata.csv")
-SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val", "test": "test"}
+FILE_COLUMNS = ("file", "filename", "path", "audio")
 FSDD_NAME = re.compile(r"^(\d)_([A-Za-z]+)_(\d+)\.wav$")
 FSDD_TEST_INDICES = 5  # the official split: recordings 0-4 of each speaker and digit are the test set
 MAX_DEFAULT_CLIP_S = 10.0
@@ -187,16 +187,6 @@ def resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
 # labels and splits
 
 
-@dataclass
-class Layout:
-    """Which split and label each readable recording has (label names, or None where unlabeled)."""
-
-    split: list[str]  # train | val | test | "" (left out)
-    labels: list[str] | None
-    how: str  # one line for the run's note
-    label_kinds: tuple[str, ...] = ()
-
-
 def _fsdd_layout(names: list[str], label_column: str | None) -> Layout | None:
     parts = [FSDD_NAME.match(Path(n).name) for n in names]
     if not parts or not all(parts):
@@ -210,80 +200,10 @@ def _fsdd_layout(names: list[str], label_column: str | None) -> Layout | None:
                   ("digit", "speaker"))
 
 
-def _manifest_layout(names: list[str], manifests: dict[str, str], label_column: str | None) -> Layout | None:
-    if not manifests:
-        return None
-    where, text = sorted(manifests.items(), key=lambda kv: kv[0].count("/"))[0]
-    base = where.rsplit("/", 1)[0] + "/" if "/" in where else ""
-    rows = list(csv.DictReader(io.StringIO(text)))
-    if not rows:
-        raise DataError(f"{where}: the manifest has no rows")
-    columns = list(rows[0].keys())
-    lower = {c.lower().strip(): c for c in columns}
-    file_col = next((lower[c] for c in ("file", "filename", "path", "audio") if c in lower), columns[0])
-    if label_column is not None:
-        if label_column not in columns:
-            raise ConfigError(f"data.label_column={label_column!r} is not a column of {where} ({', '.join(columns)})")
-        label_col = label_column
-    else:
-        label_col = next((lower[c] for c in ("label", "class", "category", "target") if c in lower), None)
-    split_col = lower.get("split")
-    entry = {}
-    for row in rows:
-        key = (row[file_col] or "").strip()
-        entry[key] = row
-        entry.setdefault(base + key, row)
-    split: list[str] = []
-    labels: list[str] = []
-    for n in names:
-        row = entry.get(n) or entry.get(n[len(base):]) or entry.get(Path(n).name)
-        if row is None:
-            split.append("")
-            labels.append("")
-            continue
-        s = (row.get(split_col) or "train").strip().lower() if split_col else "train"
-        if s not in SPLIT_DIRS:
-            raise DataError(f"{where}: split {s!r} of {n} is not train, val or test")
-        split.append(SPLIT_DIRS[s])
-        labels.append((row.get(label_col) or "").strip() if label_col else "")
-    how = f"manifest {where}" + (f", labels from its {label_col!r} column" if label_col else ", no label column")
-    if not split_col:
-        split = _hashed_split(names, split)
-        how += "; no split column, so a fixed fifth of the files (by name hash) is the test split"
-    return Layout(split, labels if label_col else None, how)
-
-
-def _hashed_split(names: list[str], split: list[str] | None = None) -> list[str]:
-    out = []
-    for i, n in enumerate(names):
-        if split is not None and not split[i]:
-            out.append("")
-            continue
-        out.append("test" if int(hashlib.sha1(n.encode()).hexdigest(), 16) % 5 == 0 else "train")
-    return out
-
-
-def _folder_layout(names: list[str], label_column: str | None) -> Layout:
-    if label_column is not None:
-        raise ConfigError(f"data.label_column={label_column!r}: this audio source has no manifest (labels.csv) "
-                          "with columns; its labels come from its folders")
-    dirs = [n.split("/")[:-1] for n in names]
-    has_split = any(d and d[0].lower() in SPLIT_DIRS for d in dirs)
-    if has_split:
-        split = [SPLIT_DIRS.get(d[0].lower(), "") if d else "" for d in dirs]
-        classes = [d[1] if len(d) > 1 else "" for d in dirs]
-        labeled = all(c for c, s in zip(classes, split) if s)
-        how = "train/val/test folders" + (", a class folder in each" if labeled else ", no class folders")
-        return Layout(split, classes if labeled else None, how)
-    classes = [d[0] if d else "" for d in dirs]
-    labeled = all(classes)
-    how = ("class folders" if labeled else "no labels") + "; no split folders, so a fixed fifth of the files (by name hash) is the test split"
-    return Layout(_hashed_split(names), classes if labeled else None, how)
-
-
 def layout_of(names: list[str], manifests: dict[str, str], label_column: str | None) -> Layout:
-    return (_fsdd_layout(names, label_column) or _manifest_layout(names, manifests, label_column)
-            or _folder_layout(names, label_column))
+    return (_fsdd_layout(names, label_column)
+            or manifest_layout(names, manifests, label_column, file_columns=FILE_COLUMNS, items="files", by_basename=True)
+            or folder_layout(names, label_column, items="files", manifest="labels.csv"))
 
 
 # --------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-MODULES = ("image", "text", "series", "audio")
+MODULES = ("image", "text", "series", "audio", "video")
 """One per modality: importing it registers the modality."""
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sincos_1d_pos_embed", "sincos_2d_pos_embed"]
+__all__ = ["sincos_1d_pos_embed", "sincos_2d_pos_embed", "sincos_3d_pos_embed"]
 
 
 def sincos_2d_pos_embed(dim: int, grid_h: int, grid_w: int, cls_token: bool = False, *,
@@ -53,3 +53,31 @@ def sincos_1d_pos_embed(dim: int, length: int, *, device: torch.device | str | N
     omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
     out = torch.arange(length, dtype=torch.float64).reshape(-1, 1) * omega
     return torch.cat([out.sin(), out.cos()], dim=1).unsqueeze(0).to(device=device, dtype=dtype)
+
+
+def sincos_3d_pos_embed(dim: int, grid_t: int, grid_h: int, grid_w: int, *, uniform_power: bool = True,
+                        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    r"""Fixed 3-D sine-cosine position embedding of a (t, h, w) token grid flattened t-major
+    (index = (t·H + h)·W + w), ``(1, T·H·W, dim)``: V-JEPA's ``get_3d_sincos_pos_embed``.
+
+    The channels are the 1-D embeddings (``sincos_1d_pos_embed``'s formula) of the time, row and column
+    index side by side, in that order. With ``uniform_power`` (V-JEPA's configs) each axis gets
+    ``2·ceil(dim/6)`` channels and the concatenation is cut to ``dim``; without it time gets ``dim/2`` and
+    rows and columns ``dim/4`` each. ``dim`` must be even (divisible by 4 without ``uniform_power``)."""
+    if dim % 2 or (not uniform_power and dim % 4):
+        raise ValueError(f"3-D sin-cos position embedding needs an even dim (divisible by 4 without uniform_power), "
+                         f"got {dim}")
+    if uniform_power:
+        d_t = d_h = d_w = 2 * -(-dim // 6)
+    else:
+        d_t, d_h, d_w = dim // 2, dim // 4, dim // 4
+    t, h, w = torch.meshgrid(torch.arange(grid_t, dtype=torch.float64), torch.arange(grid_h, dtype=torch.float64),
+                             torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+
+    def one_d(d: int, pos: Tensor) -> Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.reshape(-1, 1) * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    emb = torch.cat([one_d(d_t, t), one_d(d_h, h), one_d(d_w, w)], dim=1)[:, :dim]
+    return emb.unsqueeze(0).to(device=device, dtype=dtype)

@@ -43,7 +43,9 @@ class JEPAPredictor(nn.Module):
 
     ``pos_embed`` is the fixed position table (1, N, pred_dim) of the N patches (2-D sin-cos for an
     image grid, 1-D for a sequence); ``norm_eps`` the LayerNorms' eps (I-JEPA 1e-6, TS-JEPA torch's
-    1e-5); ``mask_token_std`` the mask token's trunc-normal init (I-JEPA 0.02; 0: zeros, TS-JEPA).
+    1e-5); ``mask_token_std`` the mask token's trunc-normal init (I-JEPA 0.02; 0: zeros, TS-JEPA, V-JEPA);
+    ``num_mask_tokens`` learned mask tokens, ``forward(..., mask_index=i)`` using token i mod n (V-JEPA: one per
+    mask config).
 
     ``forward(ctx, ctx_idx, targets)``: ctx (B, Kc, enc_dim) context-encoder tokens at patch
     indices ctx_idx (B, Kc); targets a list of M index tensors (B, Kt). Returns (M·B, Kt, enc_dim),
@@ -51,12 +53,13 @@ class JEPAPredictor(nn.Module):
 
     def __init__(self, pos_embed: torch.Tensor, enc_dim: int, pred_dim: int = 384, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, drop_path: float = 0.0, *, norm_eps: float = 1e-6,
-                 mask_token_std: float = 0.02) -> None:
+                 mask_token_std: float = 0.02, num_mask_tokens: int = 1) -> None:
         super().__init__()
         if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[-1] != pred_dim:
             raise ValueError(f"pos_embed must be (1, N, {pred_dim}), got {tuple(pos_embed.shape)}")
         self.embed = nn.Linear(enc_dim, pred_dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
+        # (n, 1, d): one learned mask token per mask config (V-JEPA: one for each of its 2 configs)
+        self.mask_token = nn.Parameter(torch.zeros(num_mask_tokens, 1, pred_dim))
         # fixed positions, not trained and not saved
         self.register_buffer("pos_embed", pos_embed.detach().float().clone(), persistent=False)
         dpr = torch.linspace(0, drop_path, depth).tolist()
@@ -69,13 +72,14 @@ class JEPAPredictor(nn.Module):
         if mask_token_std > 0:
             nn.init.trunc_normal_(self.mask_token, std=mask_token_std)
 
-    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, targets: list[torch.Tensor],
+                mask_index: int = 0) -> torch.Tensor:
         b, kc = ctx_idx.shape
         n_blocks = len(targets)
         pos = self.pos_embed.expand(b, -1, -1)
         x = self.embed(ctx) + gather_tokens(pos, ctx_idx)
         tgt_pos = torch.cat([gather_tokens(pos, t) for t in targets])  # (M·B, Kt, d_p)
-        queries = self.mask_token + tgt_pos
+        queries = self.mask_token[mask_index % self.mask_token.shape[0]] + tgt_pos
         x = torch.cat([x.repeat(n_blocks, 1, 1), queries.to(x.dtype)], dim=1)
         for blk in self.blocks:
             x = blk(x)

@@ -41,7 +41,7 @@ from selfsup.core.runtime import (
 )
 from selfsup.data.loader import limit_dataset
 from selfsup.errors import ConfigError, TrainingError
-from selfsup.nn.schedules import cosine_schedule
+from selfsup.nn.schedules import cosine_schedule, wsd_schedule
 from selfsup.train.logging import DataWait, MetricLog, peak_memory_mib, progress_bar
 from selfsup.train.monitor import CollapseMonitor
 from selfsup.train.optim import build_optimizer
@@ -315,7 +315,11 @@ class Trainer:
     def _set_schedules(self) -> tuple[float, float]:
         o = self.cfg.optim
         warmup = o.warmup_steps if o.warmup_steps is not None else int(round(o.warmup_epochs * self.steps_per_epoch))
-        lr = cosine_schedule(self.step, self.total_steps, self.lr, o.min_lr, warmup, o.warmup_start_lr)
+        if o.schedule == "wsd":
+            cooldown = int(round(o.cooldown_epochs * self.steps_per_epoch))
+            lr = wsd_schedule(self.step, self.total_steps, self.lr, o.min_lr, warmup, o.warmup_start_lr, cooldown)
+        else:
+            lr = cosine_schedule(self.step, self.total_steps, self.lr, o.min_lr, warmup, o.warmup_start_lr)
         wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
         wd = cosine_schedule(self.step, self.total_steps, o.weight_decay, wd_end)
         for group in self.optimizer.param_groups:
