@@ -344,3 +344,25 @@ def test_pretrain_probe_direction_attentively_and_export_from_the_cli(tmp_path, 
     clips = _clips()
     with torch.no_grad():
         assert torch.allclose(enc(method.preprocess({"video": clips})), method.embed({"video": clips}), atol=1e-5)
+
+
+def test_the_report_draws_videomae_reconstructions_as_frame_grids(tmp_path):
+    from selfsup.cli import main
+
+    over = [*MAE_TINY, f"trainer.out_dir={tmp_path}", "trainer.max_steps=2", "trainer.run_name=r", "trainer.progress=false"]
+    assert main(["pretrain", *over]) == 0
+    run = tmp_path / "r"
+    assert main(["report", str(run), "--max-points", "200"]) == 0
+    assert (run / "report" / "reconstruction.png").stat().st_size > 20_000
+    from selfsup.evaluate import load_method
+
+    method, _, _ = load_method(run)
+    x = method.preprocess({"video": _clips(2)})
+    masked, recon = method.reconstruct(x)
+    hidden = torch.isnan(masked)
+    assert hidden.any() and not torch.isnan(recon).any()
+    visible = ~hidden  # the visible tubelets are the clip itself in both
+    from selfsup.pretext.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    rgb = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
+    assert torch.allclose(recon[visible], rgb.clamp(0, 1)[visible], atol=1e-5)

@@ -229,6 +229,21 @@ class _Model:
         return self.dataset.audio[idx], titles
 
 
+    def videos(self, n: int = 3) -> tuple[torch.Tensor, list[str]]:
+        """``n`` test clips (B, T, 3, H, W) uint8, one per class first, with titles (a streamed source decodes them)."""
+        ds = self.dataset
+        idx, titles = self._examples(n)
+        if hasattr(ds, "video"):
+            return ds.video[idx], titles
+        try:
+            samples = [ds[int(i)] for i in idx]
+        except (TypeError, KeyError) as err:
+            raise _Skip(f"the test split holds no clips ({_first_line(err)})") from None
+        if any("video" not in sample for sample in samples):
+            raise _Skip("the test split holds no readable clips")
+        return torch.stack([sample["video"] for sample in samples]), titles
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else ""
