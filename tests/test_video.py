@@ -366,3 +366,31 @@ def test_the_report_draws_videomae_reconstructions_as_frame_grids(tmp_path):
 
     rgb = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1, 1)
     assert torch.allclose(recon[visible], rgb.clamp(0, 1)[visible], atol=1e-5)
+
+
+def test_a_vjepa2_encoder_exports_to_transformers_vjepa2model(tmp_path, capsys):
+    from selfsup.cli import main
+    from selfsup.errors import ExportError
+    from selfsup.evaluate import load_method
+    from selfsup.export import export_encoder
+
+    transformers = pytest.importorskip("transformers")
+    run = tmp_path / "r"
+    assert main(["pretrain", *JEPA2_TINY, f"trainer.out_dir={tmp_path}", "trainer.max_steps=2", "trainer.run_name=r",
+                 "trainer.progress=false"]) == 0
+    assert main(["export", str(run), str(tmp_path / "hf")]) == 0
+    assert "transformers names" in capsys.readouterr().out
+    hf = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "VJEPA2Model"
+    method, _, _ = load_method(run)
+    clips = _clips()
+    with torch.no_grad():
+        x = method.preprocess({"video": clips})
+        tokens = hf(pixel_values_videos=x.permute(0, 2, 1, 3, 4), skip_predictor=True).last_hidden_state
+        assert torch.allclose(tokens.mean(1), method.embed({"video": clips}), atol=1e-5)
+    plain = tmp_path / "p"
+    assert main(["pretrain", *JEPA_TINY, f"trainer.out_dir={tmp_path}", "trainer.max_steps=1", "trainer.run_name=p",
+                 "trainer.progress=false"]) == 0
+    with pytest.raises(ExportError, match="this one has sincos positions"):
+        export_encoder(plain, tmp_path / "hf_sincos")
+    assert not (tmp_path / "hf_sincos").exists()

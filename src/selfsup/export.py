@@ -37,6 +37,8 @@ def export_encoder(checkpoint: str | Path, out: str | Path) -> dict:
     encoder = method.export_backbone()  # the one encode() reads (I-JEPA: context or EMA target)
     if isinstance(encoder, TextEncoder):
         return export_text_encoder(method, cfg, path, out)
+    if Path(out).suffix != ".safetensors" and getattr(encoder, "family", "") == "selfsup" and hasattr(encoder, "num_frames"):
+        return export_video_transformers(method, cfg, path, out)
     tensors = encoder.export_state_dict()
     backbone = cfg.to_dict()["backbone"]
     built_size = getattr(getattr(encoder.model, "patch_embed", None), "img_size", None)
@@ -75,6 +77,46 @@ def _write_safetensors(tensors: dict, out: Path, meta: dict) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise ExportError(f"could not write {out}: {err}") from None
+
+
+def export_video_transformers(method, cfg, path: Path, out: str | Path) -> dict:
+    """A video encoder as a folder ``out`` that ``transformers.AutoModel.from_pretrained(out)`` loads as V-JEPA 2
+    (``VJEPA2Model``; the architecture of ``backbone.pos_embed: rope``): ``model.safetensors``, ``config.json`` and
+    ``selfsup.json``. Encoders of another architecture are refused with why (export them to a ``.safetensors``
+    file for ``load_encoder``). Written into a hidden sibling folder, then renamed."""
+    import shutil
+
+    from selfsup.backbones.video import hf_export
+    from selfsup.checkpoint import write_text_atomic
+
+    encoder = method.export_backbone()
+    out = Path(out)
+    mapped = hf_export(encoder)
+    if isinstance(mapped, str):
+        raise ExportError(f"{mapped}: give a .safetensors file to export it under selfsup's names "
+                          "(selfsup.export.load_encoder)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder; give a new folder for the export")
+    tensors, hf_config = mapped
+    meta = {"format": "selfsup-encoder/1", "library": "transformers", "backbone": json.dumps(cfg.to_dict()["backbone"]),
+            "method": cfg.method.name, "out_dim": str(encoder.out_dim), "source_checkpoint": str(path),
+            "note": ("load with transformers.AutoModel.from_pretrained(folder) (VJEPA2Model); tokens: "
+                     "model(pixel_values_videos=clips (B, T, 3, H, W), skip_predictor=True).last_hidden_state, the "
+                     "feature selfsup's encode reads is their mean; " + method.export_note())}
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write_text_atomic(tmp / "config.json", json.dumps(hf_config, indent=2))
+        _write_safetensors(tensors, tmp / "model.safetensors", meta)
+        write_text_atomic(tmp / "selfsup.json", json.dumps(meta, indent=2))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"could not write {out}: {err}") from None
+    return {**meta, "tensors": len(tensors), "path": str(out)}
 
 
 def export_text_encoder(method, cfg, path: Path, out: str | Path) -> dict:

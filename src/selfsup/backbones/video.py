@@ -45,7 +45,7 @@ from selfsup.errors import ConfigError
 from selfsup.nn.positions import sincos_3d_pos_embed
 from selfsup.registry import register_backbone
 
-__all__ = ["VIDEO_VIT_SIZES", "VideoViT", "grid_coords", "rope_3d"]
+__all__ = ["VIDEO_VIT_SIZES", "VideoViT", "grid_coords", "hf_export", "rope_3d"]
 
 VIDEO_VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "video_vit_tiny": (192, 12, 3),
@@ -332,6 +332,41 @@ class VideoViT(Backbone):
 
     def forward_features(self, x: Tensor) -> Tensor:
         return self.tokens(x)
+
+
+def hf_export(encoder: VideoViT) -> tuple[dict[str, Tensor], dict] | str:
+    """The encoder under Hugging Face ``transformers``' ``VJEPA2Model`` names with its ``config.json``, or why it cannot
+    be: V-JEPA 2's architecture is this one with ``pos_embed: rope``, joint attention, MLP ratio 4 and no LayerScale
+    (tested: the same tokens to float precision). The qkv projection is split into query, key and value; the predictor
+    is not exported (``transformers`` builds one at random: call the model with ``skip_predictor=True``)."""
+    why = [what for what, bad in ((f"{encoder.pos_embed_type} positions", encoder.pos_embed_type != "rope"),
+                                  ("divided attention", encoder.attention != "joint"),
+                                  ("LayerScale", encoder.model.blocks[0].ls1 is not None),
+                                  ("an MLP ratio other than 4", encoder.model.blocks[0].mlp.fc1.out_features != 4 * encoder.embed_dim))
+           if bad]
+    if why:
+        return ("transformers' VJEPA2Model is V-JEPA 2's encoder (3-D RoPE, joint attention, MLP ratio 4); this one has "
+                + ", ".join(why))
+    tensors: dict[str, Tensor] = {}
+    for key, value in encoder.model.state_dict().items():
+        value = value.detach().float().contiguous()
+        if key.startswith("patch_embed.proj."):
+            tensors["encoder.embeddings.patch_embeddings.proj." + key.rsplit(".", 1)[1]] = value
+        elif key.startswith("blocks."):
+            index, rest = key.split(".", 2)[1:]
+            if rest.startswith("attn.qkv."):
+                for name, part in zip(("query", "key", "value"), value.chunk(3, 0)):
+                    tensors[f"encoder.layer.{index}.attention.{name}.{rest.rsplit('.', 1)[1]}"] = part.contiguous()
+            else:
+                tensors[f"encoder.layer.{index}." + rest.replace("attn.proj", "attention.proj")] = value
+        elif key.startswith("norm."):
+            tensors["encoder.layernorm." + key[len("norm."):]] = value
+    config = {"architectures": ["VJEPA2Model"], "model_type": "vjepa2", "patch_size": encoder.patch_size,
+              "crop_size": encoder.img_size, "frames_per_clip": encoder.num_frames, "tubelet_size": encoder.tubelet_size,
+              "hidden_size": encoder.embed_dim, "in_chans": encoder.in_chans, "num_attention_heads": encoder.num_heads,
+              "num_hidden_layers": encoder.depth, "mlp_ratio": 4.0, "layer_norm_eps": 1e-6, "qkv_bias": True,
+              "hidden_act": "gelu", "drop_path_rate": 0.0}
+    return tensors, config
 
 
 def _build(size: str, cfg: BackboneConfig) -> VideoViT:
