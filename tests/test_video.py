@@ -4,6 +4,7 @@ and the CLI path (pretrain, resume, kNN / attentive probes, export) on the embed
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +167,9 @@ def test_vjepa_loss_is_the_mean_l1_to_the_layer_normed_targets_of_each_config():
             losses.append((pred - want).abs().mean())
     assert len(losses) == 2 and all(torch.isfinite(v) for v in losses)
     assert model.predictor.mask_token.shape == (2, 1, 16)  # one zero-initialized mask token per config
+    future = _model(JEPA_TINY, "method.max_temporal_keep=0.5").masks(2, (2, 4, 4), x.device)
+    for m in future:  # the second time slice (tokens 16-31) is never context, always hidden (before the official
+        assert int(m.context.max()) < 16 and bool(m.hidden[:, 16:].all())  # truncation to the batch's shortest)
     assert torch.equal(model.predictor.mask_token, torch.zeros(2, 1, 16))
 
 
@@ -394,3 +398,40 @@ def test_a_vjepa2_encoder_exports_to_transformers_vjepa2model(tmp_path, capsys):
     with pytest.raises(ExportError, match="this one has sincos positions"):
         export_encoder(plain, tmp_path / "hf_sincos")
     assert not (tmp_path / "hf_sincos").exists()
+
+
+FRANKA = Path(__file__).resolve().parents[2] / "shared" / "data" / "video" / "vjepa2_franka_example_traj.npz"
+
+
+@pytest.mark.skipif(not FRANKA.exists(), reason="../shared/data/video/vjepa2_franka_example_traj.npz is not beside the repo")
+def test_the_world_model_fits_and_plans_on_the_official_franka_trajectory():
+    """V-JEPA 2-AC's own example (2 frames of a Franka arm at 256 px, 7-D end-effector states): the world model fits
+    the step from frame 0 to frame 1 under its action (the state difference), and the planner returns a bounded
+    7-D action toward the goal frame."""
+    import numpy as np
+
+    from selfsup.eval.planning import cem_plan
+
+    data = np.load(FRANKA)
+    video = torch.from_numpy(data["observations"]).permute(0, 1, 4, 2, 3).contiguous()  # (1, 2, 3, 256, 256)
+    states = torch.from_numpy(data["states"]).float()  # (1, 2, 7)
+    batch = {"video": video, "states": states, "actions": states[:, 1:] - states[:, :1]}
+    model = _model(["method.name=vjepa2_ac", "method.action_dim=7", "method.state_dim=7", "method.pred_dim=24",
+                    "method.pred_depth=1", "method.pred_heads=2", "method.rollout_steps=1", "data.frames=2",
+                    "data.frame_size=32", "backbone.name=video_vit_tiny", "backbone.patch_size=8", "backbone.embed_dim=32",
+                    "backbone.depth=1", "backbone.num_heads=2", "backbone.pos_embed=rope", "data.source=embedded-video"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    with torch.no_grad():
+        tokens = model.frame_tokens(model.preprocess(batch))
+    plan = cem_plan(model, tokens[:, 0], states[:, 0], tokens[:, 1], horizon=1, samples=50, iterations=3, top_k=5,
+                    max_norm=0.075, generator=torch.Generator().manual_seed(0))
+    assert plan.shape == (1, 1, 7) and bool((plan.abs() <= 0.075).all())

@@ -7,7 +7,9 @@ of the hidden part. Per batch of clips x (B, 3, T, H, W) cut into 2 x 16 x 16 tu
 
 1. masks (``pretext.video_masking.multiblock3d_masking``): for each of the mask configs, blocks spanning every
    frame are hidden, their union is the target set and its complement the context (``method.blocks``: the
-   paper's short-range 8 blocks of 15% of the frame and long-range 2 blocks of 70%, aspect 0.75-1.5);
+   paper's short-range 8 blocks of 15% of the frame and long-range 2 blocks of 70%, aspect 0.75-1.5); with
+   ``method.max_temporal_keep`` < 1 (the official option, 1 in the paper) every time slice after the first
+   int(T' x keep) is a target too, so the context never sees the end of the clip (future prediction);
 2. target: the EMA encoder reads the whole clip; its output tokens are layer-normed over the features without
    an affine map, s = LN(f_θ̄(x)), and those at the config's target indices are its targets;
 3. context: per config, the encoder f_θ reads only the context tubelets (token dropping), z = f_θ(x_ctx);
@@ -78,6 +80,9 @@ class VJEPAConfig(VideoMethodConfig):
     blocks: list = field(default_factory=lambda: [[8, 0.15], [2, 0.7]])
     aspect: tuple[float, float] = VJEPA_ASPECT
     temporal_scale: tuple[float, float] = (1.0, 1.0)  # blocks' share of the clip's time slices
+    # the official max_temporal_keep: the context keeps only the first int(t x this) time slices, every later slice
+    # is a target (< 1: predict the future as well as the hidden blocks; 1: the paper's)
+    max_temporal_keep: float = 1.0
     pred_dim: int = 384
     pred_depth: int = 12
     pred_heads: int | None = None  # default: the encoder's
@@ -91,6 +96,8 @@ class VJEPAConfig(VideoMethodConfig):
             raise ConfigError(f"method.blocks={self.blocks}: a list of [number of blocks >= 1, spatial scale in (0, 1]]")
         if min(self.pred_dim, self.pred_depth) < 1 or (self.pred_heads is not None and self.pred_heads < 1):
             raise ConfigError("method.pred_dim, pred_depth and pred_heads must be >= 1")
+        if not 0.0 < self.max_temporal_keep <= 1.0:
+            raise ConfigError(f"method.max_temporal_keep={self.max_temporal_keep}: must be in (0, 1]")
         if self.pred_dim % 2:
             raise ConfigError(f"method.pred_dim={self.pred_dim}: must be even (sin-cos positions)")
         check_linear_ema_target(self)
@@ -123,7 +130,8 @@ class VJEPA(LinearEMATarget, VideoMethod):
     def masks(self, batch: int, grid: tuple[int, int, int], device: torch.device):
         c = self.cfg
         return multiblock3d_masking(batch, grid, blocks=[(int(n), float(s)) for n, s in c.blocks],
-                                    aspect=tuple(c.aspect), temporal_scale=tuple(c.temporal_scale), device=device)
+                                    aspect=tuple(c.aspect), temporal_scale=tuple(c.temporal_scale),
+                                    max_temporal_keep=c.max_temporal_keep, device=device)
 
     def predict(self, x: torch.Tensor, context: torch.Tensor, target: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(predictions (B, Kt, D) of the target tokens, context tokens (B, Kc, D)) for one mask config."""
