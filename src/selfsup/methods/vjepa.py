@@ -9,7 +9,9 @@ of the hidden part. Per batch of clips x (B, 3, T, H, W) cut into 2 x 16 x 16 tu
    frame are hidden, their union is the target set and its complement the context (``method.blocks``: the
    paper's short-range 8 blocks of 15% of the frame and long-range 2 blocks of 70%, aspect 0.75-1.5); with
    ``method.max_temporal_keep`` < 1 (the official option, 1 in the paper) every time slice after the first
-   int(T' x keep) is a target too, so the context never sees the end of the clip (future prediction);
+   int(T' x keep) is a target too, so the context never sees the end of the clip (future prediction; the
+   official truncation of every target to the batch's shortest keeps the lowest indices, so some of those late
+   tokens can drop out of the loss, as in the official code);
 2. target: the EMA encoder reads the whole clip; its output tokens are layer-normed over the features without
    an affine map, s = LN(f_θ̄(x)), and those at the config's target indices are its targets;
 3. context: per config, the encoder f_θ reads only the context tubelets (token dropping), z = f_θ(x_ctx);
