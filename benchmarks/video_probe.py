@@ -131,6 +131,10 @@ def plan_row(encoder_method, seed: int, args, run_dir: Path) -> dict:
     return {**result, "steps": summary["position"]["step"], "final_loss": summary["final_loss"]}
 
 
+def _attentive(rows: list[dict]) -> bool:
+    return any("attentive_top1" in r["trained"][label] for r in rows for label in LABELS)
+
+
 def _lrs(rows: list[dict]) -> str:
     chosen = sorted({r[t][label]["attentive_lr"] for r in rows for t in ("trained", "random") for label in LABELS
                      if "attentive_lr" in r[t][label]})
@@ -151,12 +155,15 @@ def render(rows: list[dict]) -> str:
            f"Machine: {first['machine']}; date: {first['date']} (torch {first['torch']}); commands: "
            + ", ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)) + ".", "",
            "Each method pretrains its CPU recipe (`configs/<method>/embedded_cpu.yaml`: 8-frame 32 x 32 clips in "
-           "2 x 8 x 8 tubelets, a 6-block 192-wide video ViT, 20 epochs of the 2,000 training clips at batch 64), then "
+           "2 x 8 x 8 tubelets, a 6-block 192-wide video ViT) for "
+           + ", ".join(sorted({f"{r['steps']}" for r in rows})) + " steps of 64 clips (the recipes' 20 epochs of the 2,000 "
+           "training clips are 620), then "
            "the frozen encoder is probed on the 512 test clips for the direction of motion (8 classes, chance 12.5%) "
            "and the moving object's CIFAR class (10 classes, chance 10%): logistic regression (L-BFGS) and kNN on the "
-           "mean of the tokens, and V-JEPA's attentive probe on the tokens (20 epochs, AdamW; its learning rate "
-           f"{_lrs(rows)}), each fit on the training clips. Random init: the same encoder, same seed, untrained. Pixels: each frame average-pooled "
-           "to 8 x 8, all frames side by side, under logistic regression and kNN. Top-1 %, mean ± standard deviation "
+           "mean of the tokens" + (f", and V-JEPA's attentive probe on the tokens (20 epochs, AdamW; its learning rate "
+           f"{_lrs(rows)})" if _attentive(rows) else "")
+           + ", each fit on the training clips. Random init: the same encoder, same seed, untrained. Pixels: each "
+           "frame average-pooled to 8 x 8, all frames side by side, under logistic regression and kNN. Top-1 %, mean ± standard deviation "
            "over the seeds; gain = trained - random init.", "",
            "| method | seeds | steps | label | probe | trained | random init | gain | pixels |",
            "|---|---|---|---|---|---|---|---|---|"]

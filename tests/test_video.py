@@ -17,6 +17,8 @@ from test_skipped_step import VIDEO_TINY
 MAE_TINY = ["method.name=videomae", "method.decoder_dim=16", "method.decoder_depth=1", "method.decoder_heads=2",
             *VIDEO_TINY]
 JEPA_TINY = ["method.name=vjepa", "method.pred_dim=16", "method.pred_depth=1", *VIDEO_TINY]
+AC_TINY = ["method.name=vjepa2_ac", "method.action_dim=2", "method.state_dim=2", "method.pred_dim=24",
+           "method.pred_depth=1", "method.pred_heads=2", *VIDEO_TINY, "backbone.pos_embed=rope"]
 JEPA2_TINY = ["method.name=vjepa2", "method.pred_dim=16", "method.pred_depth=1", "method.pred_heads=2", *VIDEO_TINY,
               "backbone.pos_embed=rope", "backbone.embed_dim=36"]
 
@@ -234,10 +236,6 @@ def test_the_attentive_probe_finds_the_one_token_that_carries_the_class():
     assert chosen["lr"] == 3e-3 and set(chosen["validation_top1_by_lr"]) == {"1e-06", "0.003"}
 
 
-AC_TINY = ["method.name=vjepa2_ac", "method.action_dim=2", "method.state_dim=2", "method.pred_dim=24",
-           "method.pred_depth=1", "method.pred_heads=2", *VIDEO_TINY, "backbone.pos_embed=rope"]
-
-
 def test_the_world_model_is_block_causal_and_its_loss_is_teacher_forcing_plus_rollout():
     from selfsup.data.video import make_moving_clips
     from selfsup.methods.vjepa2_ac import block_causal_mask
@@ -315,10 +313,11 @@ def test_video_methods_refuse_other_encoders_data_and_clip_lengths():
 # the CLI path
 
 
-@pytest.mark.parametrize("overrides", [MAE_TINY, JEPA_TINY, JEPA2_TINY], ids=["videomae", "vjepa", "vjepa2"])
-def test_video_methods_resume_exactly(tmp_path, overrides):
+@pytest.mark.parametrize("name", ["videomae", "vjepa", "vjepa2", "vjepa2_ac"])
+def test_video_methods_resume_exactly(tmp_path, name):
     from tests.conftest import resume_matches_straight
 
+    overrides = {"videomae": MAE_TINY, "vjepa": JEPA_TINY, "vjepa2": JEPA2_TINY, "vjepa2_ac": AC_TINY}[name]
     cfg = load_config(None, [*overrides, "data.limit=32", "trainer.max_steps=6", f"trainer.out_dir={tmp_path}"])
     resume_matches_straight(cfg, tmp_path, until_step=3)
 
