@@ -16,9 +16,12 @@ cross-entropy method from frame 0 toward frame 2 of each test clip) is scored by
 clip's direction (chance 12.5%), beside the same world model trained on the V-JEPA 2 encoder at random init.
 
 Every row goes to a JSON-lines file with the machine, date and command; ``--render`` writes the markdown
-section. Rerun (2-core CPU: about 4 minutes per VideoMAE seed, 10 per V-JEPA / V-JEPA 2 seed):
+section. The table in BENCHMARKS.md came from (2-core CPU, 310 steps, probes included: about 5 minutes per
+VideoMAE seed, 6 per V-JEPA seed, 9 per V-JEPA 2 seed with its world model and planner; the attentive probe is
+left out there, it costs about a minute per fit):
 
-    python benchmarks/video_probe.py --methods videomae vjepa vjepa2 --seeds 0 1 2 --plan
+    python benchmarks/video_probe.py --methods videomae vjepa vjepa2 --seeds 0 1 2 --steps 310 --plan \
+        --plan-clips 64 --plan-steps 60 --attentive-labels
     python benchmarks/build_md.py   # refreshes BENCHMARKS.md
 """
 
