@@ -43,6 +43,7 @@ from selfsup.backbones import Backbone
 from selfsup.config import BackboneConfig
 from selfsup.errors import ConfigError
 from selfsup.nn.positions import sincos_3d_pos_embed
+from selfsup.nn.predictors import official_init_
 from selfsup.registry import register_backbone
 
 __all__ = ["VIDEO_VIT_SIZES", "VideoViT", "grid_coords", "hf_export", "rope_3d"]
@@ -224,14 +225,7 @@ class VideoViT(Backbone):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        for m in self.model.modules():
-            if isinstance(m, (nn.Linear, nn.Conv3d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        official_init_(self.model)
         if self.model.pos_embed is not None:
             nn.init.trunc_normal_(self.model.pos_embed, std=0.02)
 

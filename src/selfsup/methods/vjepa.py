@@ -69,7 +69,7 @@ from selfsup.errors import ConfigError
 from selfsup.losses import jepa_l1_loss
 from selfsup.modalities.video import VideoMethod, VideoMethodConfig
 from selfsup.nn.positions import sincos_3d_pos_embed
-from selfsup.nn.predictors import JEPAPredictor, gather_tokens
+from selfsup.nn.predictors import JEPAPredictor, gather_tokens, official_init_
 from selfsup.nn.teacher import LinearEMATarget, check_linear_ema_target, make_teacher
 from selfsup.pretext.video_masking import VJEPA_ASPECT, multiblock3d_masking
 from selfsup.registry import register_method
@@ -175,10 +175,7 @@ class RoPEPredictor(nn.Module):
         self.blocks = nn.ModuleList(Block(pred_dim, heads, 4.0, 0.0, False, None) for _ in range(depth))
         self.norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.proj = nn.Linear(pred_dim, enc_dim)
-        for m in self.modules():  # the official init_video_model: trunc-normal(0.02) Linear, LayerNorm 1 / 0
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        official_init_(self)  # the official init_video_model: trunc-normal(0.02) Linear, LayerNorm 1 / 0
 
     def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, targets: list[torch.Tensor],
                 mask_index: int = 0) -> torch.Tensor:

@@ -45,6 +45,7 @@ from selfsup.backbones.video import Block
 from selfsup.core.method import StepOutput
 from selfsup.errors import ConfigError
 from selfsup.modalities.video import BATCH_KEY, VideoMethod, VideoMethodConfig
+from selfsup.nn.predictors import official_init_
 from selfsup.registry import register_method
 
 
@@ -92,10 +93,7 @@ class ACPredictor(nn.Module):
         self.blocks = nn.ModuleList(Block(pred_dim, heads, 4.0, 0.0, False, None) for _ in range(depth))
         self.norm = nn.LayerNorm(pred_dim, eps=1e-6)
         self.proj = nn.Linear(pred_dim, enc_dim)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        official_init_(self)  # the official init_video_model: trunc-normal(0.02) Linear, LayerNorm 1 / 0
 
     def coords(self, frames: int, device: torch.device) -> torch.Tensor:
         """(F·(2 + H·W), 3) (t, h, w) of every token: action and state tokens at (t, 0, 0) (rotated by their time

@@ -24,9 +24,10 @@ def official_init_(module: nn.Module) -> None:
     """The official I-JEPA initialization (``VisionTransformer._init_weights`` then ``init_model``,
     which re-initializes every Linear after the per-block rescaling): Linear and patch-embedding
     weights trunc-normal(0.02) with zero biases, LayerNorm weight 1 and bias 0 (TS-JEPA's
-    ``init_weights`` is the same on its Linear and LayerNorm layers)."""
+    ``init_weights`` is the same on its Linear and LayerNorm layers; V-JEPA's ``init_video_model`` likewise, with
+    its Conv3d tubelet embedding)."""
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
