@@ -79,12 +79,32 @@ def _write_safetensors(tensors: dict, out: Path, meta: dict) -> None:
         raise ExportError(f"could not write {out}: {err}") from None
 
 
+@contextlib.contextmanager
+def _atomic_folder(out: Path):
+    """Yield a hidden sibling folder to fill, then rename it to ``out`` (which must be absent or an empty folder):
+    an interrupted export leaves no half folder, and a failure is one ExportError."""
+    import shutil
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder; give a new folder for the export")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"could not write {out}: {err}") from None
+
+
 def export_video_transformers(method, cfg, path: Path, out: str | Path) -> dict:
     """A video encoder as a folder ``out`` that ``transformers.AutoModel.from_pretrained(out)`` loads as V-JEPA 2
     (``VJEPA2Model``; the architecture of ``backbone.pos_embed: rope``): ``model.safetensors``, ``config.json`` and
     ``selfsup.json``. Encoders of another architecture are refused with why (export them to a ``.safetensors``
     file for ``load_encoder``). Written into a hidden sibling folder, then renamed."""
-    import shutil
 
     from selfsup.backbones.video import hf_export
     from selfsup.checkpoint import write_text_atomic
@@ -95,27 +115,16 @@ def export_video_transformers(method, cfg, path: Path, out: str | Path) -> dict:
     if isinstance(mapped, str):
         raise ExportError(f"{mapped}: give a .safetensors file to export it under selfsup's names "
                           "(selfsup.export.load_encoder)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} exists and is not an empty folder; give a new folder for the export")
     tensors, hf_config = mapped
     meta = {"format": "selfsup-encoder/1", "library": "transformers", "backbone": json.dumps(cfg.to_dict()["backbone"]),
             "method": cfg.method.name, "out_dim": str(encoder.out_dim), "source_checkpoint": str(path),
             "note": ("load with transformers.AutoModel.from_pretrained(folder) (VJEPA2Model); tokens: "
                      "model(pixel_values_videos=clips (B, T, 3, H, W), skip_predictor=True).last_hidden_state, the "
                      "feature selfsup's encode reads is their mean; " + method.export_note())}
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with _atomic_folder(out) as tmp:
         write_text_atomic(tmp / "config.json", json.dumps(hf_config, indent=2))
         _write_safetensors(tensors, tmp / "model.safetensors", meta)
         write_text_atomic(tmp / "selfsup.json", json.dumps(meta, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"could not write {out}: {err}") from None
     return {**meta, "tensors": len(tensors), "path": str(out)}
 
 
@@ -127,7 +136,6 @@ def export_text_encoder(method, cfg, path: Path, out: str | Path) -> dict:
     ``tokenizer_config.json``) always; ``selfsup.json``, what selfsup needs to rebuild it.
 
     Written into a hidden sibling folder, then renamed: an interrupted export leaves no half folder."""
-    import shutil
 
     from selfsup.backbones.text import hf_export
     from selfsup.checkpoint import write_text_atomic
@@ -137,8 +145,6 @@ def export_text_encoder(method, cfg, path: Path, out: str | Path) -> dict:
     if out.suffix == ".safetensors":
         raise ExportError(f"a text encoder exports as a folder (weights, config.json, tokenizer.json); give a "
                           f"folder path instead of {out}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} exists and is not an empty folder; give a new folder for the export")
     mapped = hf_export(encoder, causal=method.causal)
     backbone = cfg.to_dict()["backbone"]
     meta = {"format": "selfsup-encoder/1", "library": "transformers" if not isinstance(mapped, str) else "selfsup",
@@ -149,10 +155,7 @@ def export_text_encoder(method, cfg, path: Path, out: str | Path) -> dict:
             if not isinstance(mapped, str) else
             f"no transformers architecture: {mapped}; load with selfsup.export.load_encoder(folder)")
     meta["note"] = note
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with _atomic_folder(out) as tmp:
         if isinstance(mapped, str):
             tensors = {k: v.detach().float().contiguous().clone() for k, v in encoder.model.state_dict().items()}
         else:
@@ -171,12 +174,6 @@ def export_text_encoder(method, cfg, path: Path, out: str | Path) -> dict:
                 {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": encoder.max_len,
                  **{k: v for k, v in special.items() if v is not None}}, indent=2))
         write_text_atomic(tmp / "selfsup.json", json.dumps({k: v for k, v in meta.items()}, indent=2))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"could not write {out}: {err}") from None
     return {**meta, "tensors": len(tensors), "path": str(out)}
 
 
