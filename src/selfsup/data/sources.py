@@ -205,6 +205,24 @@ class ImageStream(Dataset):
                 f"skipped={self.skipped})")
 
 
+class PackedPaths:
+    """File paths held in one numpy byte buffer, not a list of Python strings: DataLoader workers are forked, and
+    touching a Python object writes its reference count, which would copy every page of a million-path list into
+    every worker. ``paths[i]`` is path i; ``len(paths)`` their number."""
+
+    def __init__(self, files: Sequence[str]) -> None:
+        encoded = [path.encode("utf-8", "surrogateescape") for path in files]
+        self._offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+        self._bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        start, end = self._offsets[index], self._offsets[index + 1]
+        return self._bytes[start:end].tobytes().decode("utf-8", "surrogateescape")
+
+
 class FolderStream(ImageStream):
     """An image folder read file by file: the streaming source (see the module docstring).
 
@@ -214,9 +232,7 @@ class FolderStream(ImageStream):
     as ``eval_transform`` does (antialiased resize of the shorter side, centre crop to
     ``eval_size`` x ``eval_size``), so evaluation batches stack without padding.
 
-    Paths are held in one numpy byte buffer, not a list of Python strings: DataLoader workers
-    are forked, and touching a Python object writes its reference count, which would copy every
-    page of a million-path list into every worker.
+    Paths are held in one numpy byte buffer (:class:`PackedPaths`), not a list of Python strings.
     """
 
     def __init__(
@@ -236,17 +252,14 @@ class FolderStream(ImageStream):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         super().__init__(torch.as_tensor(list(labels), dtype=torch.int64), classes, name=name, max_side=max_side,
                          eval_size=eval_size, max_pixels=max_pixels, skips=listing_skips, directory=directory)
-        encoded = [path.encode("utf-8", "surrogateescape") for path in files]
-        self._offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
-        self._paths = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._paths = PackedPaths(files)
 
     def __len__(self) -> int:
-        return len(self._offsets) - 1
+        return len(self._paths)
 
     def path(self, index: int) -> str:
         """The file of sample ``index``."""
-        start, end = self._offsets[index], self._offsets[index + 1]
-        return self._paths[start:end].tobytes().decode("utf-8", "surrogateescape")
+        return self._paths[index]
 
     def paths(self) -> list[str]:
         """Every file, in order (a list: for subsets and fingerprints, not for workers)."""
@@ -335,4 +348,4 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-__all__ = ["DEFAULT_MAX_SIDE", "FolderStream", "ImageStream", "collate_samples", "open_folder_stream"]
+__all__ = ["DEFAULT_MAX_SIDE", "FolderStream", "ImageStream", "PackedPaths", "collate_samples", "open_folder_stream"]

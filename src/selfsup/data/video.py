@@ -97,7 +97,7 @@ from selfsup.data.layout import (
     folder_layout,
     manifest_layout,
 )
-from selfsup.data.sources import ImageStream
+from selfsup.data.sources import ImageStream, PackedPaths
 from selfsup.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -527,17 +527,14 @@ class VideoStream(ImageStream):
         self.evaluation = bool(evaluation)
         self.decoder = check_decoder(decoder)
         self.note = note
-        encoded = [path.encode("utf-8", "surrogateescape") for path in files]
-        self._offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
-        self._paths = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._paths = PackedPaths(files)  # no Python string per video in the forked workers
 
     def __len__(self) -> int:
-        return len(self._offsets) - 1
+        return len(self._paths)
 
     def path(self, index: int) -> str:
         """The video file or frame folder of sample ``index``."""
-        start, end = self._offsets[index], self._offsets[index + 1]
-        return self._paths[start:end].tobytes().decode("utf-8", "surrogateescape")
+        return self._paths[index]
 
     def paths(self) -> list[str]:
         """Every video, in order (a list: for subsets and fingerprints, not for workers)."""
